@@ -1,0 +1,89 @@
+"""`prepare_model`: swap a model's conv/linear layers for their fake-quantized LTS versions."""
+
+from __future__ import annotations
+
+from fnmatch import fnmatchcase
+
+from torch import nn
+
+from ..config import LTSConfig
+from .layers import QuantConv2d, QuantLayerMixin, QuantLinear
+
+def _matches(name: str, pattern: str) -> bool:
+    """A module name matches a pattern equal to it, to a run of its dotted components, or as a glob."""
+    return f".{pattern}." in f".{name}." or fnmatchcase(name, pattern)
+
+
+def quantizable_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Every `nn.Conv2d` / `nn.Linear` (quantized or not) in registration order."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+
+
+def layer_bits(model: nn.Module, config: LTSConfig) -> dict[str, tuple[int, int] | None]:
+    """``name → (weight_bits, activation_bits)`` for every conv/linear layer, ``None`` for fp32 ones.
+
+    The first convolution takes ``first_layer_bits`` and the last linear layer (the classifier)
+    ``last_layer_bits``, for weights and input alike.
+    """
+    layers = quantizable_layers(model)
+    convs = [n for n, m in layers if isinstance(m, nn.Conv2d)]
+    linears = [n for n, m in layers if isinstance(m, nn.Linear)]
+    bits: dict[str, tuple[int, int] | None] = {}
+    for name, _ in layers:
+        if any(_matches(name, p) for p in config.modules_to_not_convert):
+            bits[name] = None
+        elif convs and name == convs[0]:
+            bits[name] = None if config.first_layer_bits is None else (config.first_layer_bits,) * 2
+        elif linears and name == linears[-1]:
+            bits[name] = None if config.last_layer_bits is None else (config.last_layer_bits,) * 2
+        else:
+            bits[name] = (config.weight_bits, config.activation_bits)
+    return bits
+
+
+def quantized_layers(model: nn.Module) -> dict[str, QuantLayerMixin]:
+    """The model's `QuantConv2d` / `QuantLinear` layers by name."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, QuantLayerMixin)}
+
+
+def prepare_model(model: nn.Module, config: LTSConfig) -> nn.Module:
+    """Replace every `nn.Conv2d` and `nn.Linear` of ``model`` by `QuantConv2d` / `QuantLinear`, in place.
+
+    The layers take over the original parameters (an optimizer built afterwards sees the same tensors),
+    get LSQ step sizes initialised from the weights, and start their LTS state at the current levels.
+    Preparing an already prepared model with the same config returns it unchanged. The config is kept
+    as ``model.lts_config`` and, for transformers models, as ``model.config.quantization_config``.
+    """
+    config.validate()
+    existing = getattr(model, "lts_config", None)
+    if existing is not None:
+        if existing.to_dict() != config.to_dict():
+            raise ValueError(
+                "This model is already prepared with a different LTSConfig "
+                f"({existing.to_dict()} vs {config.to_dict()}): pass the model's own config "
+                "(model.lts_config) or start from an unprepared model."
+            )
+        return model
+    plan = layer_bits(model, config)
+    if not plan:
+        raise ValueError(
+            f"{type(model).__name__} has no nn.Conv2d or nn.Linear layer: LTS quantizes the weights and inputs "
+            "of convolution and linear layers, so there is nothing to prepare."
+        )
+    if all(b is None for b in plan.values()):
+        raise ValueError(
+            f"No layer of {type(model).__name__} would be quantized with {config}: every conv/linear layer is "
+            "excluded by modules_to_not_convert or kept in fp32 by first_layer_bits/last_layer_bits."
+        )
+    for name, bits in plan.items():
+        if bits is None:
+            continue
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        module = getattr(parent, child)
+        layer_cls = QuantConv2d if isinstance(module, nn.Conv2d) else QuantLinear
+        setattr(parent, child, layer_cls.from_float(module, *bits, per_channel=config.per_channel))
+    model.lts_config = config
+    if getattr(model, "config", None) is not None and hasattr(model.config, "to_dict"):
+        model.config.quantization_config = config
+    return model
