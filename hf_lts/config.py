@@ -61,7 +61,9 @@ class LTSConfig(QuantizationConfigMixin):
             if value is None and optional:
                 continue
             if isinstance(value, bool) or not isinstance(value, int) or not MIN_BITS <= value <= MAX_BITS:
-                allowed = f"an integer from {MIN_BITS} to {MAX_BITS}" + (" or None (keep fp32)" if optional else "")
+                allowed = f"an integer from {MIN_BITS} to {MAX_BITS}" + (
+                    " or None (keep fp32)" if optional else ""
+                )
                 raise ValueError(f"LTSConfig.{name}={value!r} is not supported: use {allowed}.")
         if self.freeze_schedule not in FREEZE_SCHEDULES:
             raise ValueError(

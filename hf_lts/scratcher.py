@@ -51,7 +51,9 @@ class LotteryTicketScratcher:
     def __init__(self, model: nn.Module, config: LTSConfig | None = None, total_steps: int = 1) -> None:
         self.config = config if config is not None else getattr(model, "lts_config", None)
         if self.config is None:
-            raise ValueError("The model is not prepared for LTS: call hf_lts.prepare_model(model, config) first.")
+            raise ValueError(
+                "The model is not prepared for LTS: call hf_lts.prepare_model(model, config) first."
+            )
         self.layers: dict[str, QuantLayerMixin] = quantized_layers(model)
         if not self.layers:
             raise ValueError(

@@ -36,7 +36,9 @@ def broadcast_scale(scale: torch.Tensor, ndim: int) -> torch.Tensor:
     return scale.view(-1, *([1] * (ndim - 1)))
 
 
-def fake_quantize(x: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int, grad_factor: float) -> torch.Tensor:
+def fake_quantize(
+    x: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int, grad_factor: float
+) -> torch.Tensor:
     """``clamp(round(x / s), qmin, qmax) · s`` with LSQ gradients, per tensor (``scale`` of one element)
     or per channel along dim 0."""
     x = x.float()  # under autocast the fake quantization stays in fp32
@@ -47,7 +49,9 @@ def fake_quantize(x: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int, gr
 
 
 @torch.no_grad()
-def quantize_levels(x: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_levels(
+    x: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Integer levels ``q`` (as floats) and the unclamped ``v = x / s`` exactly as `fake_quantize` rounds."""
     v = x * torch.reciprocal(broadcast_scale(scale.detach(), x.ndim))
     return torch.round(v).clamp_(qmin, qmax), v

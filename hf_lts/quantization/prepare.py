@@ -9,6 +9,7 @@ from torch import nn
 from ..config import LTSConfig
 from .layers import QuantConv2d, QuantLayerMixin, QuantLinear
 
+
 def _matches(name: str, pattern: str) -> bool:
     """A module name matches a pattern equal to it, to a run of its dotted components, or as a glob."""
     return f".{pattern}." in f".{name}." or fnmatchcase(name, pattern)
