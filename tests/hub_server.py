@@ -59,6 +59,7 @@ def _git_blob_oid(content: bytes) -> str:
 
 
 def _lfs_pointer(sha256: str, size: int) -> bytes:
+    """The pointer file git stores in place of an LFS file: its blob id and size are what the Hub reports."""
     return f"version https://git-lfs.github.com/spec/v1\noid sha256:{sha256}\nsize {size}\n".encode()
 
 
@@ -103,7 +104,7 @@ class _Repo:
     head: str  # commit that ``main`` points to
 
 
-class HubError(Exception):
+class _HubError(Exception):
     """An error answered the way the Hub does: JSON ``{"error": ...}`` plus ``X-Error-*`` headers."""
 
     def __init__(
@@ -134,7 +135,7 @@ class HubServer:
     def __init__(self, storage_dir: str | Path, port: int = 0, user: str = "test-user") -> None:
         self.blob_dir = Path(storage_dir) / "blobs"
         self.port = port
-        self.user = user  # namespace of repos created without one, as the Hub uses the token's owner
+        self.user = user  # namespace of repos created without one (the Hub uses the token's owner)
         self.url = ""
         self.requests: list[tuple[str, str]] = []
         self.fail_commit_status: int | None = None
@@ -148,7 +149,9 @@ class HubServer:
         self._httpd = ThreadingHTTPServer(("127.0.0.1", self.port), _Handler)
         self._httpd.hub = self  # type: ignore[attr-defined]
         self.url = f"http://127.0.0.1:{self._httpd.server_address[1]}"
-        self._thread = threading.Thread(target=self._httpd.serve_forever, name="hub-server", daemon=True)
+        # A short poll interval keeps `stop` (which waits for the serving loop to notice) fast.
+        serve = {"poll_interval": 0.05}
+        self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs=serve, daemon=True)
         self._thread.start()
         return self
 
@@ -170,7 +173,7 @@ class HubServer:
 
     def _blob_path(self, sha256: str) -> Path:
         if not _SHA256.fullmatch(sha256):  # the oid becomes a file name: never let it be a path
-            raise HubError(400, f"Invalid sha256 oid: {sha256!r}")
+            raise _HubError(400, f"Invalid sha256 oid: {sha256!r}")
         return self.blob_dir / sha256
 
     def _store_blob(self, content: bytes) -> str:
@@ -187,7 +190,7 @@ class HubServer:
     def _repo(self, repo_id: str) -> _Repo:
         repo = self._repos.get(repo_id)
         if repo is None:
-            raise HubError(404, f"Repository {repo_id} not found", code="RepoNotFound")
+            raise _HubError(404, f"Repository {repo_id} not found", code="RepoNotFound")
         return repo
 
     def _commit(self, repo: _Repo, revision: str) -> _Commit:
@@ -195,19 +198,19 @@ class HubServer:
             return repo.commits[repo.head]
         if _COMMIT_SHA.fullmatch(revision) and revision in repo.commits:
             return repo.commits[revision]
-        raise HubError(404, f"Invalid rev id: {revision}", code="RevisionNotFound")
+        raise _HubError(404, f"Invalid rev id: {revision}", code="RevisionNotFound")
 
     # -- endpoints ---------------------------------------------------------------------------------------
 
     def create_repo(self, payload: dict[str, Any]) -> dict[str, Any]:
         if payload.get("type", "model") != "model":
-            raise HubError(400, "This test server only supports model repos")
+            raise _HubError(400, "This test server only supports model repos")
         repo_id = f"{payload.get('organization') or self.user}/{payload['name']}"
         url = f"{self.url}/{repo_id}"
         with self._lock:
             if repo_id in self._repos:
                 # `create_repo(exist_ok=True)` reads the repo URL from this 409 body.
-                raise HubError(409, "You already created this model repo", extra={"url": url})
+                raise _HubError(409, "You already created this model repo", extra={"url": url})
             initial_oid = hashlib.sha1(f"initial commit of {repo_id}".encode()).hexdigest()
             initial = _Commit(oid=initial_oid, date=_now(), files={})
             self._repos[repo_id] = _Repo(
@@ -257,7 +260,7 @@ class HubServer:
         prefix = f"{path}/" if path else ""
         children = {p: f for p, f in commit.files.items() if p.startswith(prefix)}
         if path and not children:
-            raise HubError(
+            raise _HubError(
                 404, f"{path} does not exist on {revision}", code="EntryNotFound", commit=commit.oid
             )
         entries: dict[str, dict[str, Any]] = {}
@@ -300,7 +303,7 @@ class HubServer:
         with self._lock:
             self._repo(repo_id)
         if payload.get("operation") != "upload":
-            raise HubError(400, "This test server only supports LFS uploads")
+            raise _HubError(400, "This test server only supports LFS uploads")
         objects = []
         for obj in payload["objects"]:
             answer: dict[str, Any] = {"oid": obj["oid"], "size": obj["size"]}
@@ -315,22 +318,24 @@ class HubServer:
     def lfs_upload(self, oid: str, content: bytes) -> None:
         self._blob_path(oid)  # validates the oid
         if hashlib.sha256(content).hexdigest() != oid:
-            raise HubError(400, f"Uploaded content does not match LFS oid {oid}")
+            raise _HubError(400, f"Uploaded content does not match LFS oid {oid}")
         self._store_blob(content)
 
     def commit(self, repo_id: str, revision: str, body: bytes) -> dict[str, Any]:
         if self.fail_commit_status is not None:
-            raise HubError(self.fail_commit_status, "Simulated commit failure (HubServer.fail_commit_status)")
+            raise _HubError(
+                self.fail_commit_status, "Simulated commit failure (HubServer.fail_commit_status)"
+            )
         with self._lock:
             self._repo(repo_id)  # a missing repo is reported before anything else, as on the Hub
         if revision != "main":
-            raise HubError(
+            raise _HubError(
                 404, f"Invalid rev id: {revision} (only 'main' can be committed to)", "RevisionNotFound"
             )
         lines = [json.loads(line) for line in body.splitlines() if line.strip()]
         header = next((line["value"] for line in lines if line["key"] == "header"), None)
         if header is None:
-            raise HubError(400, "Commit payload has no header line")
+            raise _HubError(400, "Commit payload has no header line")
         # Store contents before taking the lock: hashing and writing blobs needs no repo state.
         changes: dict[str, _File | None] = {}
         folders_deleted = []
@@ -342,25 +347,25 @@ class HubServer:
             elif key == "lfsFile":
                 blob = self._blob_path(value["oid"])
                 if not blob.exists():
-                    raise HubError(422, f"LFS object {value['oid']} of {value['path']} was never uploaded")
+                    raise _HubError(422, f"LFS object {value['oid']} of {value['path']} was never uploaded")
                 changes[value["path"]] = _File.lfs_object(value["oid"], blob.stat().st_size)
             elif key == "deletedFile":
                 changes[value["path"]] = None
             elif key == "deletedFolder":
                 folders_deleted.append(value["path"].rstrip("/") + "/")
             elif key != "header":
-                raise HubError(400, f"Unsupported commit operation {key!r}")
+                raise _HubError(400, f"Unsupported commit operation {key!r}")
         with self._lock:
             repo = self._repo(repo_id)
             parent = repo.commits[repo.head]
             if header.get("parentCommit") not in (None, parent.oid):
-                raise HubError(412, "A commit has happened since. Please refresh and try again.")
+                raise _HubError(412, "A commit has happened since. Please refresh and try again.")
             files = {p: f for p, f in parent.files.items() if not p.startswith(tuple(folders_deleted))}
             for path, file in changes.items():
                 if file is not None:
                     files[path] = file
                 elif files.pop(path, None) is None:
-                    raise HubError(
+                    raise _HubError(
                         404, f"A file with this name doesn't exist: {path}", "EntryNotFound", parent.oid
                     )
             content_id = {p: f.git_oid for p, f in sorted(files.items())}
@@ -379,7 +384,7 @@ class HubServer:
             commit = self._commit(self._repo(repo_id), revision)
         file = commit.files.get(path)
         if file is None:
-            raise HubError(404, f"Entry not found: {path}", code="EntryNotFound", commit=commit.oid)
+            raise _HubError(404, f"Entry not found: {path}", code="EntryNotFound", commit=commit.oid)
         return commit, file
 
 
@@ -416,14 +421,11 @@ class _Handler(BaseHTTPRequestHandler):
     def _dispatch(self) -> None:
         url = urlsplit(self.path)
         self.hub.requests.append((self.command, url.path))
-        # Read the whole body first: with keep-alive, an unread body would corrupt the next request.
-        body = self._read_body()
-        query = parse_qs(url.query)
         # Split before unquoting: revisions are sent with "/" encoded as %2F.
         segments = [unquote(s) for s in url.path.split("/")[1:]]
         try:
-            self._route(segments, query, body)
-        except HubError as e:
+            self._route(segments, parse_qs(url.query), self._read_body())
+        except _HubError as e:
             headers = {"X-Error-Message": str(e)}
             if e.code is not None:
                 headers["X-Error-Code"] = e.code
@@ -451,11 +453,9 @@ class _Handler(BaseHTTPRequestHandler):
                 self._send_json(200, hub.preupload(f"{ns}/{name}", revision, json.loads(body)))
             case ["api", "models", ns, name, "commit", revision] if method == "POST":
                 if _flag(query, "create_pr"):
-                    raise HubError(400, "This test server does not support pull requests")
+                    raise _HubError(400, "This test server does not support pull requests")
                 self._send_json(200, hub.commit(f"{ns}/{name}", revision, body))
-            case [ns, repo_git, "info", "lfs", "objects", "batch"] if method == "POST" and repo_git.endswith(
-                ".git"
-            ):
+            case [ns, repo_git, "info", "lfs", "objects", "batch"] if method == "POST":
                 batch = hub.lfs_batch(f"{ns}/{repo_git.removesuffix('.git')}", json.loads(body))
                 self._send_json(200, batch, content_type="application/vnd.git-lfs+json")
             case ["lfs-objects", oid] if method == "PUT":
@@ -464,18 +464,15 @@ class _Handler(BaseHTTPRequestHandler):
             case [ns, name, "resolve", revision, *path] if method in ("GET", "HEAD") and path:
                 self._send_file(*hub.resolve(f"{ns}/{name}", revision, "/".join(path)))
             case _:
-                raise HubError(404, f"HubServer does not implement {method} {'/'.join(segments)}")
+                raise _HubError(404, f"HubServer does not implement {method} {'/'.join(segments)}")
 
     def _read_body(self) -> bytes:
-        if self.headers.get("Transfer-Encoding", "").lower() != "chunked":
-            return self.rfile.read(int(self.headers.get("Content-Length", 0)))
-        chunks = []
-        while size := int(self.rfile.readline().split(b";")[0], 16):
-            chunks.append(self.rfile.read(size))
-            self.rfile.readline()  # CRLF closing the chunk
-        while self.rfile.readline().strip():  # trailers, up to the blank line
-            pass
-        return b"".join(chunks)
+        """The whole body, read before answering: on a keep-alive connection, unread bytes would be taken
+        for the next request."""
+        if self.headers.get("Transfer-Encoding"):  # huggingface_hub sizes every body it sends
+            self.close_connection = True
+            raise _HubError(411, "HubServer only reads bodies with a Content-Length")
+        return self.rfile.read(int(self.headers.get("Content-Length", 0)))
 
     def _send_file(self, commit: _Commit, file: _File) -> None:
         headers = {

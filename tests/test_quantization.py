@@ -1,0 +1,220 @@
+"""LSQ quantizer math, the quantized layers and `prepare_model`, against float64 references."""
+
+import math
+
+import pytest
+import torch
+from tiny_models import tiny_mobilenet, tiny_resnet
+from torch import nn
+from torch.nn import functional as F
+
+from hf_lts import LTSConfig, QuantConv2d, QuantLinear, prepare_model
+from hf_lts.quantization import quantized_layers
+from hf_lts.quantization.lsq import fake_quantize, signed_range, unsigned_range
+
+
+def lsq_reference(x, scale, qmin, qmax, grad_factor, grad_out):
+    """Float64 LSQ: value, input gradient and step gradient (in-range test on the rounded value)."""
+    x64, s64, g64 = x.double(), scale.double().view(-1, *([1] * (x.ndim - 1))), grad_out.double()
+    v = x64 / s64
+    r = torch.round(v)
+    q = r.clamp(qmin, qmax)
+    inside = (r >= qmin) & (r <= qmax)
+    dq_ds = torch.where(inside, q - v, q)
+    dims = tuple(range(x.ndim)) if scale.numel() == 1 else tuple(range(1, x.ndim))
+    return q * s64, g64 * inside, (g64 * dq_ds).sum(dims).reshape(scale.shape) * grad_factor
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("per_channel", [False, True])
+@pytest.mark.parametrize("signed", [True, False])
+def test_fake_quantize_matches_float64_lsq(bits, per_channel, signed):
+    torch.manual_seed(bits)
+    x = torch.randn(6, 4, 3, 3) * 0.7
+    if not signed:
+        x = x.relu()
+    qmin, qmax = signed_range(bits) if signed else unsigned_range(bits)
+    scale = (torch.rand(6 if per_channel else 1) * 0.2 + 0.05).requires_grad_()
+    xg = x.clone().requires_grad_()
+    grad_factor = 1 / math.sqrt(x[0].numel() * qmax)
+    out = fake_quantize(xg, scale, qmin, qmax, grad_factor)
+    grad_out = torch.randn_like(out)
+    out.backward(grad_out)
+    ref_out, ref_dx, ref_ds = lsq_reference(x, scale.detach(), qmin, qmax, grad_factor, grad_out)
+    torch.testing.assert_close(out.double(), ref_out, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(xg.grad.double(), ref_dx, rtol=0, atol=0)
+    torch.testing.assert_close(scale.grad.double(), ref_ds, rtol=1e-4, atol=1e-6)
+    levels = (out.detach().double() / scale.detach().double().view(-1, 1, 1, 1)).round()
+    assert levels.min() >= qmin and levels.max() <= qmax
+
+
+def test_weight_quantizer_lsq_init_and_grad_factor():
+    layer = QuantConv2d.from_float(nn.Conv2d(4, 6, 3), weight_bits=3, activation_bits=4, per_channel=True)
+    qmax = 3
+    expected = 2 * layer.weight.detach().abs().flatten(1).mean(1) / math.sqrt(qmax)
+    torch.testing.assert_close(layer.weight_quantizer.scale.detach(), expected)
+    assert layer.weight_quantizer.grad_factor == pytest.approx(1 / math.sqrt(4 * 9 * qmax))
+    per_tensor = QuantLinear.from_float(nn.Linear(10, 3), weight_bits=2, activation_bits=2)
+    assert per_tensor.weight_quantizer.scale.shape == (1,)
+    assert per_tensor.weight_quantizer.grad_factor == pytest.approx(1 / math.sqrt(30 * 1))
+
+
+def test_activation_quantizer_sign_and_init_from_first_batch():
+    layer = QuantLinear.from_float(nn.Linear(8, 4), weight_bits=4, activation_bits=4)
+    x = torch.randn(16, 8).relu()
+    layer(x)
+    aq = layer.input_quantizer
+    assert not bool(aq.signed) and (aq.qmin, aq.qmax) == (0, 15)
+    torch.testing.assert_close(aq.scale.detach(), (2 * x.abs().mean() / math.sqrt(15)).reshape(1))
+    first = aq.scale.detach().clone()
+    layer(torch.randn(16, 8) * 10)  # later batches do not re-initialise
+    torch.testing.assert_close(aq.scale.detach(), first)
+
+    signed = QuantLinear.from_float(nn.Linear(8, 4), weight_bits=4, activation_bits=3)
+    signed(torch.randn(16, 8))
+    assert bool(signed.input_quantizer.signed) and (
+        signed.input_quantizer.qmin,
+        signed.input_quantizer.qmax,
+    ) == (-4, 3)
+
+
+def integer_reference(layer, x):
+    """``(q_a · s_a) ⊛ (q_w · s_w)`` in float64 from the layer's own levels and steps."""
+    aq, wq = layer.input_quantizer, layer.weight_quantizer
+    s_a = aq.scale.detach().double()
+    q_a = torch.round(x.double() / s_a).clamp(aq.qmin, aq.qmax)
+    s_w = wq.scale.detach().double().view(-1, *([1] * (layer.weight.ndim - 1)))
+    q_w = torch.round(layer.weight.detach().double() / s_w).clamp(wq.qmin, wq.qmax)
+    q_w = torch.where(layer.frozen_mask, layer.weight_levels.double(), q_w)
+    bias = None if layer.bias is None else layer.bias.detach().double()
+    if isinstance(layer, QuantConv2d):
+        return F.conv2d(q_a * s_a, q_w * s_w, bias, layer.stride, layer.padding, layer.dilation, layer.groups)
+    return F.linear(q_a * s_a, q_w * s_w, bias)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: nn.Conv2d(6, 8, 3, padding=1),
+        lambda: nn.Conv2d(6, 6, 3, stride=2, groups=6, bias=False),  # depthwise
+        lambda: nn.Conv2d(6, 4, 1, groups=2),
+        lambda: nn.Linear(12, 5),
+    ],
+)
+@pytest.mark.parametrize("per_channel", [False, True])
+@pytest.mark.parametrize("frozen_fraction", [0.0, 0.5, 1.0])
+def test_eval_output_is_the_integer_computation(make, per_channel, frozen_fraction):
+    torch.manual_seed(1)
+    layer = make()
+    q = (QuantConv2d if isinstance(layer, nn.Conv2d) else QuantLinear).from_float(layer, 3, 4, per_channel)
+    x = torch.randn(4, 6, 9, 9) if isinstance(layer, nn.Conv2d) else torch.randn(4, 12)
+    q.train()(x)  # initialise the input quantizer (signed: x has negative values)
+    q.freeze_(torch.rand_like(q.weight) < frozen_fraction)
+    with torch.no_grad():  # move the step after freezing: frozen weights must follow q·s
+        q.weight_quantizer.scale.mul_(1.1)
+    out = q.eval()(x)
+    ref = integer_reference(q, x)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_frozen_weights_have_no_gradient_and_fully_frozen_layers_skip_it():
+    torch.manual_seed(2)
+    q = QuantConv2d.from_float(nn.Conv2d(3, 4, 3), weight_bits=2, activation_bits=2)
+    x = torch.randn(2, 3, 8, 8)
+    mask = torch.rand_like(q.weight) < 0.5
+    q.freeze_(mask)
+    assert torch.equal(q.frozen_mask, mask) and q.num_frozen == int(mask.sum())
+    q(x).square().sum().backward()
+    assert torch.all(q.weight.grad[mask] == 0) and torch.any(q.weight.grad[~mask] != 0)
+    assert q.weight_quantizer.scale.grad is not None
+
+    q.zero_grad(set_to_none=True)
+    q.freeze_(torch.ones_like(mask))
+    q(x).square().sum().backward()
+    assert q.weight.grad is None and q.weight_quantizer.scale.grad is None  # no weight-gradient work at all
+    assert q.input_quantizer.scale.grad is not None
+
+
+def test_freeze_snaps_latent_onto_level_and_is_permanent():
+    torch.manual_seed(3)
+    q = QuantLinear.from_float(nn.Linear(16, 8), weight_bits=4, activation_bits=4)
+    levels_before = torch.round(q.weight.detach() / q.weight_quantizer.scale.detach()).clamp(-8, 7)
+    mask = torch.zeros_like(q.weight, dtype=torch.bool)
+    mask[:3] = True
+    q.freeze_(mask)
+    snapped = (levels_before * q.weight_quantizer.scale.detach()).to(torch.bfloat16).float()
+    assert torch.equal(q.weight.detach()[mask], snapped[mask])
+    assert torch.equal(q.weight_levels[mask].float(), levels_before[mask])
+    q.freeze_(torch.zeros_like(mask))  # freezing nothing more keeps what is frozen
+    assert torch.equal(q.frozen_mask, mask)
+
+
+def test_prepare_resnet_replaces_every_layer_with_positional_bits():
+    model = tiny_resnet()
+    params = {n: p for n, p in model.named_parameters()}
+    prepare_model(model, LTSConfig(weight_bits=2, activation_bits=3))
+    layers = quantized_layers(model)
+    assert not any(type(m) in (nn.Conv2d, nn.Linear) for m in model.modules())
+    names = list(layers)
+    assert names[0] == "resnet.embedder.embedder.convolution" and names[-1] == "classifier.1"
+    assert layers[names[0]].weight_quantizer.bits == 8 and layers[names[0]].input_quantizer.bits == 8
+    assert layers[names[-1]].weight_quantizer.bits == 8 and layers[names[-1]].input_quantizer.bits == 8
+    for name in names[1:-1]:
+        assert (layers[name].weight_quantizer.bits, layers[name].input_quantizer.bits) == (2, 3)
+    for name, layer in layers.items():  # the original parameters are taken over, not copied
+        assert layer.weight is params[f"{name}.weight"]
+    assert model.config.quantization_config.weight_bits == 2 and model.lts_config.activation_bits == 3
+
+
+def test_prepare_keeps_fp32_layers_and_excluded_modules():
+    model = tiny_resnet()
+    config = LTSConfig(first_layer_bits=None, last_layer_bits=None, modules_to_not_convert=["shortcut"])
+    prepare_model(model, config)
+    assert type(model.resnet.embedder.embedder.convolution) is nn.Conv2d
+    assert type(model.classifier[1]) is nn.Linear
+    shortcuts = [n for n, m in model.named_modules() if n.endswith("shortcut.convolution")]
+    assert shortcuts and all(type(model.get_submodule(n)) is nn.Conv2d for n in shortcuts)
+    assert len(quantized_layers(model)) > 0
+
+    glob = tiny_resnet()
+    prepare_model(glob, LTSConfig(modules_to_not_convert=["resnet.encoder.stages.1.*"]))
+    assert all(not n.startswith("resnet.encoder.stages.1.") for n in quantized_layers(glob))
+
+
+def test_prepare_mobilenet_handles_depthwise_and_signed_inputs():
+    model = tiny_mobilenet()
+    prepare_model(model, LTSConfig(weight_bits=4, activation_bits=4))
+    layers = quantized_layers(model)
+    assert len(layers) == sum(1 for m in tiny_mobilenet().modules() if isinstance(m, (nn.Conv2d, nn.Linear)))
+    assert any(layer.groups > 1 for layer in layers.values() if isinstance(layer, QuantConv2d))
+    model.train()(torch.randn(4, 3, 32, 32))
+    signs = {n: bool(layer.input_quantizer.signed) for n, layer in layers.items()}
+    assert any(signs.values()) and not all(signs.values())  # linear bottlenecks signed, post-ReLU6 unsigned
+    assert all(int(layer.lts_macs) > 0 for layer in layers.values())
+
+
+def test_prepare_is_idempotent_and_rejects_conflicts():
+    model = tiny_resnet()
+    config = LTSConfig()
+    prepare_model(model, config)
+    before = {n: id(m) for n, m in quantized_layers(model).items()}
+    assert prepare_model(model, LTSConfig()) is model
+    assert {n: id(m) for n, m in quantized_layers(model).items()} == before
+    with pytest.raises(ValueError, match="already prepared with a different LTSConfig"):
+        prepare_model(model, LTSConfig(weight_bits=2))
+
+
+def test_prepare_rejects_models_without_layers():
+    with pytest.raises(ValueError, match="no nn.Conv2d or nn.Linear"):
+        prepare_model(nn.Sequential(nn.ReLU(), nn.BatchNorm2d(3)), LTSConfig())
+    with pytest.raises(ValueError, match="No layer .* would be quantized"):
+        prepare_model(nn.Sequential(nn.Linear(3, 3)), LTSConfig(last_layer_bits=None))
+
+
+def test_prepare_any_module():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3))
+    prepare_model(model, LTSConfig())
+    assert isinstance(model[0], QuantConv2d) and isinstance(model[3], QuantLinear)
+    assert model(torch.randn(2, 1, 8, 8)).shape == (2, 3)
+    assert model.lts_config == LTSConfig()

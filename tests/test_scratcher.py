@@ -1,0 +1,279 @@
+"""The scratcher against sequences computed by hand (LTS.md §2–5), exactness and state round trips."""
+
+import math
+
+import pytest
+import torch
+from tiny_models import tiny_mobilenet, tiny_resnet
+from torch import nn
+
+from hf_lts import LotteryTicketScratcher, LTSConfig, prepare_model
+from hf_lts.quantization import quantized_layers, state
+from hf_lts.scratcher import freeze_threshold, warmup_steps
+
+RES = 1 / state.DISTANCE_ONE
+
+
+def single_layer(values, **config):
+    """A one-layer model whose 4-bit weights sit at ``values`` steps (the step is fixed at 1)."""
+    model = nn.Sequential(nn.Linear(len(values), 1, bias=False))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.tensor([values]))
+    prepare_model(model, LTSConfig(last_layer_bits=4, **config))
+    layer = model[0]
+    with torch.no_grad():
+        layer.weight_quantizer.scale.fill_(1.0)
+        layer.lts_state.copy_(state.initial_state(torch.round(layer.weight).clamp(-8, 7)))
+    return model, layer
+
+
+def reference_run(v0, steps, m, total, warmup_ratio, r_of_t):
+    """Float64 LTS (§2–3) over the weight values ``steps`` (one row per optimizer step)."""
+    prev = [min(7, max(-8, round(v))) for v in v0]
+    d = [1.0] * len(v0)
+    frozen = [False] * len(v0)
+    t_w = round(warmup_ratio * total)
+    history = []
+    for t, values in enumerate(steps, start=1):
+        for i, v in enumerate(values):
+            if frozen[i]:
+                continue
+            q = min(7, max(-8, round(v)))
+            d[i] = 1.0 if q != prev[i] else m * d[i] + (1 - m) * abs(v - q)
+            prev[i] = q
+            if t > t_w and d[i] <= r_of_t(t):
+                frozen[i] = True
+        history.append((list(d), list(frozen)))
+    return history
+
+
+def test_threshold_schedules():
+    config = LTSConfig(freeze_warmup_ratio=0.2)
+    assert warmup_steps(config, 100) == 20
+    assert freeze_threshold(config, 20, 100) is None
+    assert freeze_threshold(config, 21, 100) == pytest.approx(1 / 80)
+    assert freeze_threshold(config, 60, 100) == pytest.approx(0.5)
+    assert freeze_threshold(config, 100, 100) == pytest.approx(1.0)
+    assert freeze_threshold(config, 150, 100) == pytest.approx(1.0)  # runs longer than planned stay at p = 1
+    sine = LTSConfig(freeze_schedule="sine")
+    assert freeze_threshold(sine, 60, 100) == pytest.approx(math.sin(math.pi / 4))
+    constant = LTSConfig(freeze_schedule="constant", freeze_threshold=0.07)
+    assert freeze_threshold(constant, 21, 100) == 0.07 and freeze_threshold(constant, 99, 100) == 0.07
+
+
+def test_ema_reset_and_freezing_follow_the_hand_computed_sequence():
+    v0 = [0.30, 1.20, -2.45, 0.00, 3.49]
+    steps = [
+        [0.31, 1.18, -2.40, 0.02, 3.40],
+        [0.28, 1.22, -2.55, 0.01, 3.45],  # -2.55 rounds to -3: a transition, the distance restarts at 1
+        [0.30, 1.10, -2.60, 0.00, 3.52],  # 3.52 rounds to 4: a transition
+        [0.29, 1.05, -2.72, 0.01, 3.60],
+        [0.30, 1.02, -2.80, 0.00, 3.70],
+        [0.30, 1.01, -2.90, 0.00, 3.90],
+    ]
+    m, total = 0.5, 6
+    model, layer = single_layer(v0, distance_momentum=m, freeze_warmup_ratio=0.34, freeze_schedule="linear")
+    scratcher = LotteryTicketScratcher(model, total_steps=total)
+    ref = reference_run(v0, steps, m, total, 0.34, lambda t: freeze_threshold(model.lts_config, t, total))
+    assert warmup_steps(model.lts_config, total) == 2
+    frozen_latent = {}
+    for t, (values, (d_ref, frozen_ref)) in enumerate(zip(steps, ref, strict=True), start=1):
+        with torch.no_grad():  # what an optimizer would do; frozen weights must come back
+            layer.weight.copy_(torch.tensor([values]))
+        scratcher.step()
+        mask = layer.frozen_mask[0].tolist()
+        assert mask == frozen_ref, f"step {t}"
+        d = state.distance(layer.lts_state)[0]
+        for i, (is_frozen, d_i) in enumerate(zip(mask, d_ref, strict=True)):
+            if not is_frozen:
+                assert abs(float(d[i]) - d_i) <= 2 * RES, f"step {t}, weight {i}"
+            elif i not in frozen_latent:
+                frozen_latent[i] = (layer.weight[0, i].item(), int(layer.weight_levels[0, i]))
+            else:  # permanent, level and latent value held exactly
+                assert (layer.weight[0, i].item(), int(layer.weight_levels[0, i])) == frozen_latent[i]
+    assert frozen_latent, "the sequence is meant to freeze something"
+    assert scratcher.step_count == len(steps)
+
+
+def test_warmup_boundary_with_constant_threshold():
+    model, layer = single_layer(
+        [0.1, 0.45], distance_momentum=0.0, freeze_schedule="constant", freeze_threshold=0.2
+    )
+    scratcher = LotteryTicketScratcher(model, total_steps=10)  # t_w = 2
+    for t in (1, 2):
+        scratcher.step()
+        assert layer.num_frozen == 0, f"nothing may freeze during warm-up (t={t})"
+    scratcher.step()
+    assert layer.frozen_mask[0].tolist() == [True, False]  # d = 0.1 ≤ 0.2 < 0.45
+
+
+def test_no_freezing_when_disabled():
+    model, layer = single_layer([0.0, 0.01], freeze=False, freeze_warmup_ratio=0.0)
+    scratcher = LotteryTicketScratcher(model, total_steps=4)
+    initial = layer.lts_state.clone()
+    for _ in range(4):
+        scratcher.step()
+    assert layer.num_frozen == 0 and torch.equal(layer.lts_state, initial)
+    stats = scratcher.stats()
+    assert stats["step"] == 4 and stats["frozen_ratio"] == 0 and stats["weight_updates_saved"] == 0
+
+
+def test_ema_tracks_float64_at_momentum_0_9999():
+    """LTS.md §4's precision trap: at m = 0.9999 each update moves d by ~1e-4, below fp16's resolution."""
+    n, updates, m = 256, 20_000, 0.9999
+    torch.manual_seed(0)
+    levels = torch.randint(-6, 6, (n,)).double()
+    offsets = torch.rand(n, dtype=torch.float64) * 0.8 - 0.4  # each weight's typical distance
+    model, layer = single_layer(levels.tolist(), distance_momentum=m, freeze_warmup_ratio=0.5)
+    scratcher = LotteryTicketScratcher(model, total_steps=10 * updates)  # no freezing in this window
+    ref = torch.ones(n, dtype=torch.float64)
+    half = torch.ones(n, dtype=torch.float16)  # what a 2-byte float EMA would do
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(updates):
+        jitter = (torch.rand(n, generator=generator, dtype=torch.float64) - 0.5) * 0.1
+        v = levels + offsets + jitter
+        d_now = (v - levels).abs()
+        with torch.no_grad():
+            layer.weight.copy_(v.float().view(1, -1))
+        scratcher.step()
+        ref = m * ref + (1 - m) * d_now
+        half = (m * half.float() + (1 - m) * d_now.float()).half()
+    error = (state.distance(layer.lts_state)[0].double() - ref).abs()
+    assert error.mean() <= 1e-3 and error.max() <= 5e-3
+    assert (half.double() - ref).abs().mean() > 0.1  # the fp16 EMA never moved from 1
+    assert layer.num_frozen == 0
+
+
+def train(model, optimizer, scratcher, batches, check_frozen_grads=False):
+    for x, y in batches:
+        loss = nn.functional.cross_entropy(model(pixel_values=x).logits, y)
+        loss.backward()
+        if check_frozen_grads:
+            for layer in quantized_layers(model).values():
+                if layer.weight.grad is not None:
+                    assert torch.all(layer.weight.grad[layer.frozen_mask] == 0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        scratcher.step()
+
+
+def batches(n, seed=0, size=16):
+    g = torch.Generator().manual_seed(seed)
+    return [
+        (torch.randn(4, 3, size, size, generator=g), torch.randint(0, 5, (4,), generator=g)) for _ in range(n)
+    ]
+
+
+@pytest.mark.parametrize(
+    "make_optimizer",
+    [
+        lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, weight_decay=1e-4),
+        lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=1e-2),
+    ],
+    ids=["sgd-momentum-wd", "adamw"],
+)
+def test_frozen_weights_bit_exact_under_any_optimizer(make_optimizer):
+    config = LTSConfig(
+        weight_bits=2,
+        distance_momentum=0.5,
+        freeze_schedule="constant",
+        freeze_threshold=0.3,
+        freeze_warmup_ratio=0.05,
+    )
+    model = prepare_model(tiny_resnet(), config)
+    optimizer = make_optimizer(model.parameters())
+    scratcher = LotteryTicketScratcher(model, total_steps=60)
+    layers = quantized_layers(model)
+    held = {n: (layer.weight.detach().clone(), layer.weight_levels.clone()) for n, layer in layers.items()}
+    was_frozen = {n: torch.zeros_like(layer.frozen_mask) for n, layer in layers.items()}
+    frozen_by_step_10 = 0
+    for t, batch in enumerate(batches(60), start=1):
+        train(model, optimizer, scratcher, [batch], check_frozen_grads=True)
+        for name, layer in layers.items():
+            mask, old = layer.frozen_mask, was_frozen[name]
+            assert torch.all(mask[old]), "freezing is permanent"
+            weight, levels = held[name]
+            assert torch.equal(layer.weight.detach()[old], weight[old]), (name, t)
+            assert torch.equal(layer.weight_levels[old], levels[old]), (name, t)
+            new = mask & ~old
+            weight[new], levels[new] = layer.weight.detach()[new], layer.weight_levels[new]
+            was_frozen[name] = mask
+        if t == 10:
+            frozen_by_step_10 = sum(int(m.sum()) for m in was_frozen.values())
+    assert frozen_by_step_10 > 100, "enough weights must freeze early to be held for ≥ 50 steps"
+    assert scratcher.stats()["frozen_ratio"] > 0.5
+
+
+def test_state_dict_round_trip_mid_schedule_continues_identically():
+    config = LTSConfig(weight_bits=3, activation_bits=3, distance_momentum=0.9, freeze_warmup_ratio=0.1)
+    data = batches(12, seed=3, size=8)
+
+    def fresh():
+        model = prepare_model(tiny_mobilenet(), config)
+        return model, torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
+
+    straight, opt = fresh()
+    train(straight, opt, LotteryTicketScratcher(straight, total_steps=12), data)
+
+    first, opt = fresh()
+    train(first, opt, LotteryTicketScratcher(first, total_steps=12), data[:6])
+    model_state = {k: v.clone() for k, v in first.state_dict().items()}
+    opt_state, rng_state = opt.state_dict(), torch.get_rng_state()  # dropout draws from the global RNG
+    resumed, opt = fresh()
+    resumed.load_state_dict(model_state)
+    opt.load_state_dict(opt_state)
+    torch.set_rng_state(rng_state)
+    scratcher = LotteryTicketScratcher(resumed, total_steps=12)
+    assert scratcher.step_count == 6
+    train(resumed, opt, scratcher, data[6:])
+
+    a, b = straight.state_dict(), resumed.state_dict()
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert scratcher.stats()["frozen_ratio"] > 0
+
+
+def test_stats_follow_the_definitions():
+    model = prepare_model(tiny_resnet(), LTSConfig(freeze_schedule="constant", freeze_threshold=0.5))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    scratcher = LotteryTicketScratcher(model, total_steps=8)
+    layers = quantized_layers(model)
+    frozen_per_step = []
+    for x, y in batches(8, size=16):
+        train(model, optimizer, scratcher, [(x, y)])
+        frozen_per_step.append({n: layer.num_frozen for n, layer in layers.items()})
+    stats = scratcher.stats()
+    numel = {n: layer.weight.numel() for n, layer in layers.items()}
+    total = sum(numel.values())
+    assert stats["step"] == 8 and stats["quantized_weights"] == total
+    assert stats["frozen_ratio"] == pytest.approx(sum(frozen_per_step[-1].values()) / total)
+    updates = sum(sum(f.values()) for f in frozen_per_step) / (8 * total)
+    assert stats["weight_updates_saved"] == pytest.approx(updates)
+    assert 0 < stats["weight_updates_saved"] < 1
+
+    stem = layers["resnet.embedder.embedder.convolution"]  # 3→8, 7×7, stride 2 on 16×16: 8×8 outputs
+    assert int(stem.lts_macs) == 8 * 8 * 8 * 3 * 7 * 7
+    macs = {n: int(layer.lts_macs) for n, layer in layers.items()}
+    flops = sum(sum(f[n] for f in frozen_per_step) / (8 * numel[n]) * macs[n] for n in layers) / (
+        2 * sum(macs.values())
+    )
+    assert stats["backward_flops_saved"] == pytest.approx(flops)
+    assert stats["backward_flops_saved"] <= stats["weight_updates_saved"]
+    assert stats["state_bytes_per_weight"] == 4.0
+    assert stats["per_layer"]["classifier.1"] == {
+        "frozen_ratio": frozen_per_step[-1]["classifier.1"] / numel["classifier.1"],
+        "weight_bits": 8,
+        "activation_bits": 8,
+        "numel": numel["classifier.1"],
+    }
+
+
+def test_scratcher_rejects_bad_input():
+    with pytest.raises(ValueError, match="prepare_model"):
+        LotteryTicketScratcher(tiny_resnet(), LTSConfig(), total_steps=10)
+    with pytest.raises(ValueError, match="prepare_model"):
+        LotteryTicketScratcher(nn.Linear(2, 2), total_steps=10)
+    model = prepare_model(tiny_resnet(), LTSConfig())
+    with pytest.raises(ValueError, match="total_steps=0"):
+        LotteryTicketScratcher(model, total_steps=0)
