@@ -235,7 +235,8 @@ def test_state_dict_round_trip_mid_schedule_continues_identically():
 
 
 def test_stats_follow_the_definitions():
-    model = prepare_model(tiny_resnet(), LTSConfig(freeze_schedule="constant", freeze_threshold=0.5))
+    config = LTSConfig(distance_momentum=0.5, freeze_schedule="constant", freeze_threshold=0.3)
+    model = prepare_model(tiny_resnet(), config)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
     scratcher = LotteryTicketScratcher(model, total_steps=8)
     layers = quantized_layers(model)
