@@ -42,4 +42,6 @@ def compute_metrics(eval_pred: EvalPrediction) -> dict[str, float]:
     logits = eval_pred.predictions
     if isinstance(logits, (tuple, list)):  # models that also return hidden states put the logits first
         logits = logits[0]
-    return _accuracy_metric().compute(predictions=np.asarray(logits), references=np.asarray(eval_pred.label_ids))
+    return _accuracy_metric().compute(
+        predictions=np.asarray(logits), references=np.asarray(eval_pred.label_ids)
+    )

@@ -64,7 +64,9 @@ class Accuracy(evaluate.Metric):
             raise ValueError("cannot compute accuracy of zero samples")
         n_classes = logits.shape[1]
         if labels.min() < 0 or labels.max() >= n_classes:
-            raise ValueError(f"references must be class ids in [0, {n_classes}), got {labels.min()}..{labels.max()}")
+            raise ValueError(
+                f"references must be class ids in [0, {n_classes}), got {labels.min()}..{labels.max()}"
+            )
         target = logits[np.arange(labels.size), labels][:, None]
         lower_index = np.arange(n_classes)[None, :] < labels[:, None]
         rank = (logits > target).sum(axis=1) + ((logits == target) & lower_index).sum(axis=1)
