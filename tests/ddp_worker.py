@@ -1,0 +1,133 @@
+"""One process of the multi-process tests: `LTSTrainer` on a small model, launched by torchrun / accelerate.
+
+``train``: N optimizer steps (checkpoint every ``--save-steps``), optionally resumed from a checkpoint;
+every rank writes a digest of its model state (BatchNorm running statistics excluded: they are per rank
+under DDP) and its LTS statistics. ``grad``: one step of a BatchNorm-free model; rank 0 writes the
+all-reduced gradient, to compare a 2-process run with a 1-process run of the same global batch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+
+import torch
+from datasets import Dataset
+from torch import nn
+from transformers import TrainerCallback
+from transformers.modeling_outputs import ImageClassifierOutput
+
+sys.path.insert(0, os.path.dirname(__file__))
+from tiny_models import tiny_resnet  # noqa: E402
+
+from hf_lts import LTSConfig, LTSTrainer, LTSTrainingArguments  # noqa: E402
+
+
+class NoNormNet(nn.Module):
+    """Conv → ReLU → conv → ReLU → pool → linear, no BatchNorm: the gradient of a global batch must not
+    depend on how it is split across processes. Takes ``**kwargs`` like transformers' vision models, which
+    is what sets off the Trainer's loss-scaling trap."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5),
+        )  # fmt: skip
+
+    def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None, **kwargs):
+        logits = self.body(pixel_values)
+        loss = None if labels is None else nn.functional.cross_entropy(logits, labels)
+        return ImageClassifierOutput(loss=loss, logits=logits)
+
+
+def dataset(n: int, size: int = 16) -> Dataset:
+    g = torch.Generator().manual_seed(123)
+    x = torch.randn(n, 3, size, size, generator=g)
+    y = torch.randint(0, 5, (n,), generator=g)
+    return Dataset.from_dict({"pixel_values": x.numpy(), "labels": y.numpy()}).with_format("torch")
+
+
+def state_digest(model: nn.Module) -> str:
+    h = hashlib.sha256()
+    for key, value in model.state_dict().items():
+        if "running_" in key or "num_batches_tracked" in key:
+            continue
+        h.update(key.encode())
+        h.update(value.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+class GradCapture(TrainerCallback):
+    """Keeps the (all-reduced) gradients seen just before the first optimizer step."""
+
+    def __init__(self) -> None:
+        self.grads: dict[str, torch.Tensor] = {}
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        if not self.grads:
+            self.grads = {
+                n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None
+            }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("mode", choices=["train", "grad"])
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--batch", type=int, default=4, help="per-process batch size")
+    parser.add_argument("--save-steps", type=int, default=0)
+    parser.add_argument("--resume", default=None)
+    a = parser.parse_args()
+
+    model = NoNormNet() if a.mode == "grad" else tiny_resnet()
+    args = LTSTrainingArguments(
+        output_dir=a.out,
+        max_steps=a.steps,
+        per_device_train_batch_size=a.batch,
+        learning_rate=0.05,
+        optim="sgd",
+        optim_args="momentum=0.9",
+        weight_decay=1e-4,
+        save_strategy="steps" if a.save_steps else "no",
+        save_steps=a.save_steps or 500,
+        logging_steps=1,
+        report_to="none",
+        use_cpu=True,
+        dataloader_pin_memory=False,
+        seed=0,
+    )
+    config = LTSConfig(weight_bits=2, activation_bits=4, distance_momentum=0.5, freeze_warmup_ratio=0.1)
+    capture = GradCapture()
+    trainer = LTSTrainer(
+        model=model, args=args, lts_config=config, train_dataset=dataset(64), callbacks=[capture]
+    )
+    trainer.train(resume_from_checkpoint=a.resume)
+    rank = trainer.args.process_index
+    if a.mode == "grad":
+        if rank == 0:
+            torch.save(capture.grads, os.path.join(a.out, "grads.pt"))
+        return
+    quantizers = {
+        n: [m.input_quantizer.scale.item(), bool(m.input_quantizer.signed)]
+        for n, m in model.named_modules()
+        if hasattr(m, "input_quantizer")
+    }
+    result = {
+        "world_size": trainer.args.world_size,
+        "digest": state_digest(model),
+        "stats": {k: v for k, v in trainer.scratcher.stats().items() if k != "per_layer"},
+        "activation_quantizers": quantizers,
+        "log_losses": [e["loss"] for e in trainer.state.log_history if "loss" in e],
+    }
+    with open(os.path.join(a.out, f"rank{rank}.json"), "w") as f:
+        json.dump(result, f)
+
+
+if __name__ == "__main__":
+    main()

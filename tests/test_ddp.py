@@ -1,0 +1,97 @@
+"""Multi-process training with real processes over gloo: `torchrun` and `accelerate launch --multi_gpu`."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+WORKER = str(Path(__file__).with_name("ddp_worker.py"))
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run(cmd: list[str], cwd: Path) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+
+
+def free_port() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
+
+def torchrun(*args: str) -> list[str]:
+    flags = ["--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", free_port()]
+    return [sys.executable, "-m", "torch.distributed.run", *flags, *args]
+
+
+def accelerate(*args: str) -> list[str]:
+    flags = ["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no"]
+    flags += ["--dynamo_backend", "no", "--main_process_ip", "127.0.0.1", "--main_process_port", free_port()]
+    return [sys.executable, "-m", "accelerate.commands.launch", *flags, *args]
+
+
+def ranks(out: Path) -> list[dict]:
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory) -> Path:
+    """10 steps on 2 processes launched by Accelerate, with a checkpoint at step 5."""
+    out = tmp_path_factory.mktemp("straight")
+    run(accelerate(WORKER, "train", "--out", str(out), "--steps", "10", "--save-steps", "5"), REPO)
+    return out
+
+
+def test_every_rank_holds_the_same_model_and_lts_state(straight_run):
+    r0, r1 = ranks(straight_run)
+    assert r0["world_size"] == r1["world_size"] == 2
+    assert r0["digest"] == r1["digest"]  # weights, steps, levels, masks, distances: bit for bit
+    assert r0["stats"] == r1["stats"] and r0["stats"]["step"] == 10
+    assert 0 < r0["stats"]["frozen_ratio"] <= 1
+    # Activation quantizers initialised from the global first batch: identical, not per rank.
+    assert r0["activation_quantizers"] == r1["activation_quantizers"]
+    assert any(signed for _, signed in r0["activation_quantizers"].values())
+    # Only the main process writes checkpoints, and they hold the full training state.
+    assert sorted(p.name for p in straight_run.iterdir() if p.name.startswith("checkpoint")) == [
+        "checkpoint-10",
+        "checkpoint-5",
+    ]
+
+
+def test_resume_under_ddp_is_exact(straight_run, tmp_path):
+    checkpoint = straight_run / "checkpoint-5"
+    run(torchrun(WORKER, "train", "--out", str(tmp_path), "--steps", "10", "--resume", str(checkpoint)), REPO)
+    resumed = ranks(tmp_path)
+    assert resumed[0]["digest"] == resumed[1]["digest"] == ranks(straight_run)[0]["digest"]
+
+
+def test_global_batch_gradient_does_not_depend_on_the_number_of_processes(tmp_path):
+    """2 processes × batch 4 must give the gradient of 1 process × batch 8 (the Trainer's world-size loss
+    scaling for models taking ``**kwargs`` would double it)."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    run([sys.executable, WORKER, "grad", "--out", str(one), "--steps", "1", "--batch", "8"], REPO)
+    run(torchrun(WORKER, "grad", "--out", str(two), "--steps", "1", "--batch", "4"), REPO)
+    g1 = torch.load(one / "grads.pt", weights_only=True)
+    g2 = torch.load(two / "grads.pt", weights_only=True)
+    assert g1.keys() == g2.keys() and any("weight_quantizer.scale" in k for k in g1)
+    for name in g1:
+        torch.testing.assert_close(g2[name], g1[name], rtol=1e-4, atol=1e-8, msg=name)
+
+
+def test_cli_trains_under_accelerate_launch(tmp_path):
+    out = tmp_path / "cli"
+    overrides = '{"embedding_size": 8, "hidden_sizes": [8, 16], "depths": [1, 1]}'
+    cli = ["-m", "hf_lts.cli", "train", "--output_dir", str(out), "--max_steps", "4", "--eval_strategy", "no"]
+    cli += ["--per_device_train_batch_size", "16", "--image_size", "16", "--config_overrides", overrides]
+    run(accelerate(*cli), tmp_path)
+    config = json.loads((out / "config.json").read_text())
+    assert config["quantization_config"]["quant_method"] == "lts"
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert state["global_step"] == 4
