@@ -31,9 +31,13 @@ def torchrun(*args: str) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", *flags, *args]
 
 
-def accelerate(*args: str) -> list[str]:
-    flags = ["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no"]
-    flags += ["--dynamo_backend", "no", "--main_process_ip", "127.0.0.1", "--main_process_port", free_port()]
+def accelerate(*args: str, config_file: Path | None = None) -> list[str]:
+    """``accelerate launch --multi_gpu`` with 2 processes (on CPU: gloo), from flags or a config file."""
+    if config_file is None:
+        flags = ["--multi_gpu", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    else:
+        flags = ["--config_file", str(config_file)]
+    flags += ["--num_processes", "2", "--main_process_ip", "127.0.0.1", "--main_process_port", free_port()]
     return [sys.executable, "-m", "accelerate.commands.launch", *flags, *args]
 
 
@@ -85,12 +89,13 @@ def test_global_batch_gradient_does_not_depend_on_the_number_of_processes(tmp_pa
         torch.testing.assert_close(g2[name], g1[name], rtol=1e-4, atol=1e-8, msg=name)
 
 
-def test_cli_trains_under_accelerate_launch(tmp_path):
+def test_cli_trains_under_accelerate_launch_with_the_shipped_config(tmp_path):
+    """The 1 node × 8 GPUs recipe, scaled to 2 processes (gloo on CPU), driving ``hf_lts.cli train``."""
     out = tmp_path / "cli"
     overrides = '{"embedding_size": 8, "hidden_sizes": [8, 16], "depths": [1, 1]}'
     cli = ["-m", "hf_lts.cli", "train", "--output_dir", str(out), "--max_steps", "4", "--eval_strategy", "no"]
     cli += ["--per_device_train_batch_size", "16", "--image_size", "16", "--config_overrides", overrides]
-    run(accelerate(*cli), tmp_path)
+    run(accelerate(*cli, config_file=REPO / "recipes" / "accelerate" / "1node_8gpu.yaml"), tmp_path)
     config = json.loads((out / "config.json").read_text())
     assert config["quantization_config"]["quant_method"] == "lts"
     state = json.loads((out / "trainer_state.json").read_text())
