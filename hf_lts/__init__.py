@@ -1,9 +1,19 @@
 """hf-lts: LTS (the lottery ticket scratcher) quantization-aware training for Hugging Face vision models."""
 
+from . import serialization  # noqa: F401  (registers the "lts" quantizer with transformers for from_pretrained)
 from .config import LTSConfig
 from .quantization import QuantConv2d, QuantLinear, prepare_model
 from .scratcher import LotteryTicketScratcher
+from .trainer import LTSTrainer, LTSTrainingArguments
 
 __version__ = "0.1.0"
 
-__all__ = ["LTSConfig", "LotteryTicketScratcher", "QuantConv2d", "QuantLinear", "prepare_model"]
+__all__ = [
+    "LTSConfig",
+    "LTSTrainer",
+    "LTSTrainingArguments",
+    "LotteryTicketScratcher",
+    "QuantConv2d",
+    "QuantLinear",
+    "prepare_model",
+]

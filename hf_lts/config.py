@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+import torch
 from transformers.quantizers.auto import register_quantization_config
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
@@ -79,7 +80,10 @@ class LTSConfig(QuantizationConfigMixin):
             )
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """Every field, plus the hf-lts and torch versions that wrote them (which `from_dict` ignores)."""
+        from . import __version__  # here: the package imports this module first
+
+        return {**asdict(self), "hf_lts_version": __version__, "torch_version": torch.__version__}
 
     @classmethod
     def from_dict(cls, config_dict: dict[str, Any], return_unused_kwargs: bool = False, **kwargs: Any):

@@ -53,7 +53,8 @@ def prepare_model(model: nn.Module, config: LTSConfig) -> nn.Module:
     The layers take over the original parameters (an optimizer built afterwards sees the same tensors),
     get LSQ step sizes initialised from the weights, and start their LTS state at the current levels.
     Preparing an already prepared model with the same config returns it unchanged. The config is kept
-    as ``model.lts_config`` and, for transformers models, as ``model.config.quantization_config``.
+    as ``model.lts_config`` and, for transformers models, as ``model.config.quantization_config``, with the
+    LTS quantizer as ``model.hf_quantizer`` so that ``save_pretrained`` writes the packed export.
     """
     config.validate()
     existing = getattr(model, "lts_config", None)
@@ -87,4 +88,7 @@ def prepare_model(model: nn.Module, config: LTSConfig) -> nn.Module:
     model.lts_config = config
     if getattr(model, "config", None) is not None and hasattr(model.config, "to_dict"):
         model.config.quantization_config = config
+        from ..serialization import attach_quantizer  # here: serialization builds on this module
+
+        attach_quantizer(model)
     return model
