@@ -1,0 +1,322 @@
+"""`LTSTrainer`: a transformers `Trainer` that runs LTS quantization-aware training.
+
+Everything goes through the Trainer's public hooks (`create_optimizer`, `get_decay_parameter_names`, a
+callback, `log`, `save_model`, `create_model_card`); the training loop itself is the Trainer's, so it keeps
+working across transformers releases.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers.training_args import ParallelMode
+
+from .card import write_model_card
+from .config import LTSConfig
+from .data import collate_fn
+from .hub import push_export
+from .metrics import compute_metrics as accuracy_metrics
+from .quantization import prepare_model
+from .quantization.lsq import ActivationFakeQuantizer, WeightFakeQuantizer
+from .scratcher import LotteryTicketScratcher
+from .serialization import training_state
+
+logger = logging.getLogger(__name__)
+
+#: The statistics logged at every logging step, as ``lts/<name>`` (LTS.md §5).
+LOGGED_STATS = ("frozen_ratio", "weight_updates_saved", "backward_flops_saved")
+_NORM_LAYERS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
+_QUANTIZERS = (WeightFakeQuantizer, ActivationFakeQuantizer)
+
+
+@dataclass
+class LTSTrainingArguments(TrainingArguments):
+    """`TrainingArguments` with the LTS extras and DDP defaults that suit LTS.
+
+    ``ddp_broadcast_buffers`` defaults to ``False``: the LTS state buffers are identical on every rank by
+    construction (same weights after the all-reduced step, same seeded stochastic rounding), so
+    broadcasting them before every forward would only double the traffic; BatchNorm running statistics stay
+    per rank (the saved model is rank 0's). ``ddp_find_unused_parameters`` defaults to ``False``: every
+    parameter gets a gradient, fully frozen weights included (an explicit zero, see `QuantConv2d`).
+    """
+
+    quantizer_learning_rate: float | None = field(
+        default=None,
+        metadata={"help": "Learning rate of the LSQ step sizes (no weight decay). Default: learning_rate."},
+    )
+    sync_batchnorm: bool = field(
+        default=False,
+        metadata={"help": "Convert BatchNorm to SyncBatchNorm under distributed training (GPU only)."},
+    )
+    ddp_broadcast_buffers: bool | None = field(
+        default=False, metadata={"help": "DDP broadcast_buffers (LTS state is identical on all ranks)."}
+    )
+    ddp_find_unused_parameters: bool | None = field(
+        default=False, metadata={"help": "DDP find_unused_parameters (every parameter gets a gradient)."}
+    )
+
+
+class LTSCallback(TrainerCallback):
+    """Steps the scratcher once per optimizer step, right after ``optimizer.step()``.
+
+    ``on_optimizer_step`` fires once per optimizer step whatever ``gradient_accumulation_steps`` is, and
+    never during evaluation. Under fp16 a step the GradScaler skips (inf/nan gradients) still counts: the
+    weights did not move, so the distance update only re-observes them, and keeping the scratcher's
+    ``lts_step`` equal to ``state.global_step`` keeps the freezing schedule aligned with the run's ``T``
+    (the Trainer counts skipped steps too).
+    """
+
+    def __init__(self, scratcher: LotteryTicketScratcher) -> None:
+        self.scratcher = scratcher
+
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        self.scratcher.total_steps = state.max_steps
+        if self.scratcher.step_count != state.global_step:
+            logger.warning(
+                "The model's LTS step counter is %d but training starts at step %d: the freezing schedule "
+                "continues from the model's counter (was the model trained before, or the checkpoint mixed?).",
+                self.scratcher.step_count,
+                state.global_step,
+            )
+
+    def on_optimizer_step(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs
+    ):
+        self.scratcher.step()
+
+
+class LTSTrainer(Trainer):
+    """A `Trainer` for LTS quantization-aware training (``hf_lts/LTS.md``).
+
+    Args:
+        model: a model to prepare with ``lts_config`` (`hf_lts.prepare_model`), or one already prepared, whose
+            own ``model.lts_config`` then applies (passing a different ``lts_config`` is an error).
+        args: `LTSTrainingArguments` (default: ``LTSTrainingArguments("trainer_output")``; a plain
+            `TrainingArguments` works too, its unset DDP options then get the LTS defaults).
+        lts_config: the `LTSConfig` of an unprepared model (default: ``LTSConfig()``, W4A4).
+        data_collator: default `hf_lts.data.collate_fn` (``pixel_values`` / ``labels`` examples).
+        compute_metrics: default top-1/top-5 accuracy (``eval_accuracy``, ``eval_top5_accuracy``).
+        **kwargs: the other `Trainer` arguments.
+
+    The scratcher (``trainer.scratcher``) is stepped once per optimizer step with ``T = state.max_steps``.
+    LSQ step sizes form their own parameter group (``quantizer_learning_rate``, no weight decay); norm
+    layers and biases get no weight decay either. ``lts/frozen_ratio``, ``lts/weight_updates_saved`` and
+    ``lts/backward_flops_saved`` are logged at every logging step to every ``report_to`` integration.
+
+    Mixed precision (``bf16``/``fp16``): the fake quantizers always compute in fp32 (they cast their input
+    to float), the step sizes and latent weights stay fp32 parameters and the LTS state is an int32 buffer,
+    so levels, distances and freezing are unaffected; autocast only runs the convolutions/matmuls — on the
+    fake-quantized ``q · s``, rounded to the half type — and the layers between them in 16 bits. fp16 adds
+    the GradScaler: see `LTSCallback` for its skipped steps.
+
+    Checkpoints (``checkpoint-N/``) hold the full training state — latent fp32 weights and every LTS
+    buffer — so ``resume_from_checkpoint`` continues exactly; the final `save_model` writes the packed
+    export (`export_model`).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module | None = None,
+        args: TrainingArguments | None = None,
+        lts_config: LTSConfig | None = None,
+        data_collator: Any = None,
+        compute_metrics: Any = None,
+        **kwargs: Any,
+    ) -> None:
+        if model is None:
+            raise ValueError(
+                "LTSTrainer needs a model (model_init is not supported: the model is prepared for LTS once)."
+            )
+        model = self._prepare(model, lts_config)
+        args = args if args is not None else LTSTrainingArguments("trainer_output")
+        for name in ("ddp_broadcast_buffers", "ddp_find_unused_parameters"):
+            if getattr(args, name) is None:
+                setattr(args, name, False)
+        if getattr(args, "sync_batchnorm", False) and args.parallel_mode == ParallelMode.DISTRIBUTED:
+            if args.device.type == "cpu":
+                raise ValueError("sync_batchnorm=True needs GPUs: torch's SyncBatchNorm does not run on CPU.")
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        super().__init__(
+            model=model,
+            args=args,
+            data_collator=data_collator if data_collator is not None else collate_fn,
+            compute_metrics=compute_metrics if compute_metrics is not None else accuracy_metrics,
+            **kwargs,
+        )
+        # Image classifiers take **kwargs, so the Trainer would treat their loss as normalised by
+        # `num_items_in_batch`: it would then skip the division by gradient_accumulation_steps and, with
+        # average_tokens_across_devices under DDP, multiply the loss by the world size. But their loss is a
+        # plain per-batch mean that ignores those kwargs, so both would scale the gradient (by the
+        # accumulation steps, by the number of processes). With this off, the loss is the micro-batch mean
+        # divided by the accumulation steps and DDP averages over ranks: the gradient of a global batch is
+        # the same for any number of processes.
+        self.model_accepts_loss_kwargs = False
+        self.scratcher = LotteryTicketScratcher(self.model, total_steps=max(1, self.args.max_steps))
+        self.add_callback(LTSCallback(self.scratcher))
+
+    @staticmethod
+    def _prepare(model: nn.Module, lts_config: LTSConfig | None) -> nn.Module:
+        existing = getattr(model, "lts_config", None)
+        if existing is None:
+            return prepare_model(model, lts_config if lts_config is not None else LTSConfig())
+        if lts_config is not None and lts_config.to_dict() != existing.to_dict():
+            raise ValueError(
+                "The model is already prepared for LTS with a different config: its model.lts_config "
+                f"{existing.to_dict()} conflicts with lts_config={lts_config.to_dict()}. Drop lts_config "
+                "(the model's own config applies) or pass an unprepared model."
+            )
+        return model
+
+    @property
+    def lts_config(self) -> LTSConfig:
+        return self.scratcher.config
+
+    # -- optimizer ---------------------------------------------------------------------------------------
+    def get_decay_parameter_names(self, model: nn.Module) -> list[str]:
+        """Transformers' choice (no biases, no LayerNorm) minus every norm layer (BatchNorm included, whose HF
+        names such as ``normalization`` escape transformers' patterns) and the LSQ step sizes."""
+        excluded = {
+            f"{module_name}.{name}" if module_name else name
+            for module_name, module in model.named_modules()
+            if isinstance(module, _NORM_LAYERS + _QUANTIZERS)
+            for name, _ in module.named_parameters(recurse=False)
+        }
+        return [n for n in super().get_decay_parameter_names(model) if n not in excluded]
+
+    def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
+        """The Trainer's optimizer (any ``optim``), with the LSQ step sizes moved into a group of their own.
+
+        They are moved right after construction, before any step, when the optimizer has no state yet; the
+        learning-rate scheduler, created afterwards, scales that group's rate like the others.
+        """
+        if self.optimizer is not None:  # passed in by the user: theirs to group
+            return super().create_optimizer(model)
+        optimizer = super().create_optimizer(model)
+        opt_model = self.model if model is None else model
+        scales = [
+            p
+            for module in opt_model.modules()
+            if isinstance(module, _QUANTIZERS)
+            for p in module.parameters(recurse=False)
+            if p.requires_grad
+        ]
+        ids = {id(p) for p in scales}
+        for group in optimizer.param_groups:
+            group["params"] = [p for p in group["params"] if id(p) not in ids]
+        lr = getattr(self.args, "quantizer_learning_rate", None)
+        optimizer.add_param_group(
+            {"params": scales, "lr": self.args.learning_rate if lr is None else lr, "weight_decay": 0.0}
+        )
+        return optimizer
+
+    # -- logging -----------------------------------------------------------------------------------------
+    def lts_metrics(self) -> dict[str, float]:
+        """``lts/frozen_ratio``, ``lts/weight_updates_saved``, ``lts/backward_flops_saved`` now."""
+        stats = self.scratcher.stats()
+        return {f"lts/{name}": float(stats[name]) for name in LOGGED_STATS}
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Add the LTS statistics to the training logs (logging steps and the final summary), so that every
+        ``report_to`` integration receives them."""
+        if "loss" in logs or "train_loss" in logs:
+            logs.update(self.lts_metrics())
+        super().log(logs, start_time)
+
+    # -- saving ------------------------------------------------------------------------------------------
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Checkpoints keep the full training state; every other save is the final export (`export_model`).
+
+        The Trainer saves checkpoints as ``save_model(checkpoint_dir, _internal_call=True)``; a user's
+        ``save_model()`` and ``push_to_hub`` (``save_model(_internal_call=True)``, no folder) are final saves.
+        """
+        if _internal_call and output_dir is not None:
+            with training_state(self.accelerator.unwrap_model(self.model)):
+                super().save_model(output_dir, _internal_call=True)
+        else:
+            self.export_model(output_dir, _internal_call=_internal_call)
+
+    def export_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Write the trained model for `from_pretrained`: the single place that decides the final format.
+
+        ``save_pretrained`` of a prepared model writes the packed integer export (`hf_lts.serialization`).
+        """
+        super().save_model(output_dir, _internal_call=_internal_call)
+
+    def create_model_card(
+        self,
+        language: str | None = None,
+        license: str | None = None,
+        tags: str | list[str] | None = None,
+        model_name: str | None = None,
+        finetuned_from: str | None = None,
+        tasks: str | list[str] | None = None,
+        dataset_tags: str | list[str] | None = None,
+        dataset: str | list[str] | None = None,
+        dataset_args: str | list[str] | None = None,
+    ) -> None:
+        """Write ``README.md`` and its frozen-ratio plot into ``output_dir`` (`hf_lts.card.write_model_card`):
+        bits, freezing schedule, savings, per-layer table, the last evaluation, how to load it.
+
+        Same signature as `Trainer.create_model_card` (``push_to_hub`` calls it); ``language``, ``tasks``,
+        ``dataset_tags`` and ``dataset_args`` are accepted for compatibility and not used.
+        """
+        if not self.is_world_process_zero():
+            return
+        evals = [e for e in self.state.log_history if "eval_loss" in e or "eval_accuracy" in e]
+        model_config = getattr(self.accelerator.unwrap_model(self.model), "config", None)
+        write_model_card(
+            self.args.output_dir,
+            self.lts_config,
+            self.scratcher.stats(),
+            model_name=model_name or os.path.basename(os.path.normpath(self.args.output_dir)),
+            repo_id=self.hub_model_id,
+            base_model=finetuned_from or getattr(model_config, "name_or_path", None),
+            datasets=[dataset] if isinstance(dataset, str) else dataset,
+            eval_results=evals[-1] if evals else None,
+            history=[
+                (e["step"], e["lts/frozen_ratio"]) for e in self.state.log_history if "lts/frozen_ratio" in e
+            ],
+            tags=[tags] if isinstance(tags, str) else tags or (),
+            license=license,
+        )
+
+    def push_to_hub(
+        self,
+        commit_message: str | None = "End of training",
+        blocking: bool = True,
+        token: str | None = None,
+        revision: str | None = None,
+        private: bool | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """Export the packed model and its card into ``output_dir``, then upload them with
+        `hf_lts.hub.push_export`, which checks that the folder holds the packed export and never uploads
+        checkpoints or ``training_args.bin`` (a pickle that may hold the Hub token).
+
+        Same signature as `Trainer.push_to_hub`; ``kwargs`` go to `create_model_card`. Raises
+        `hf_lts.hub.HubUploadError` when the upload fails; the local export stays as written.
+        """
+        self.callback_handler.on_push_begin(self.args, self.state, self.control)
+        token = token if token is not None else self.args.hub_token
+        if self.hub_model_id is None:
+            self.init_hf_repo(token=token, private=private)
+        self.export_model(_internal_call=True)  # every rank (sharded saves gather), no push of its own
+        if not self.is_world_process_zero():
+            return None
+        kwargs.setdefault("model_name", self.hub_model_id.split("/")[-1])
+        self.create_model_card(**kwargs)
+        self._finish_current_push()  # a checkpoint push still running would race with this one
+        return push_export(
+            self.args.output_dir,
+            self.hub_model_id,
+            token=token,
+            revision=revision if revision is not None else self.args.hub_revision,
+            commit_message=commit_message,
+            run_as_future=not blocking,
+        )
