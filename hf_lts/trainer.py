@@ -20,6 +20,7 @@ from transformers.training_args import ParallelMode
 from .card import write_model_card
 from .config import LTSConfig
 from .data import collate_fn
+from .distributed import FrozenAwareAllReduceState, register_frozen_aware_hook
 from .hub import push_export
 from .metrics import compute_metrics as accuracy_metrics
 from .quantization import prepare_model
@@ -53,6 +54,13 @@ class LTSTrainingArguments(TrainingArguments):
     sync_batchnorm: bool = field(
         default=False,
         metadata={"help": "Convert BatchNorm to SyncBatchNorm under distributed training (GPU only)."},
+    )
+    skip_frozen_allreduce: bool = field(
+        default=True,
+        metadata={
+            "help": "Under DDP, leave fully frozen weights (exact zero gradients) out of the gradient "
+            "all-reduce; the result is bit-identical."
+        },
     )
     ddp_broadcast_buffers: bool | None = field(
         default=False, metadata={"help": "DDP broadcast_buffers (LTS state is identical on all ranks)."}
@@ -89,6 +97,21 @@ class LTSCallback(TrainerCallback):
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs
     ):
         self.scratcher.step()
+
+
+class _FrozenAllReduceCallback(TrainerCallback):
+    """Installs `frozen_aware_allreduce_hook` on the DDP-wrapped model, which exists from ``on_train_begin``
+    on (the Trainer wraps the model before it) and before the first backward."""
+
+    def __init__(self, trainer: LTSTrainer) -> None:
+        self.trainer = trainer
+
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        wrapped = self.trainer.model_wrapped
+        if isinstance(wrapped, nn.parallel.DistributedDataParallel) and not hasattr(
+            wrapped, "_lts_allreduce"
+        ):
+            wrapped._lts_allreduce = self.trainer.allreduce_state = register_frozen_aware_hook(wrapped)
 
 
 class LTSTrainer(Trainer):
@@ -159,6 +182,10 @@ class LTSTrainer(Trainer):
         self.model_accepts_loss_kwargs = False
         self.scratcher = LotteryTicketScratcher(self.model, total_steps=max(1, self.args.max_steps))
         self.add_callback(LTSCallback(self.scratcher))
+        #: Bytes the gradient all-reduce sent / would have sent by default, under DDP (`hf_lts.distributed`).
+        self.allreduce_state: FrozenAwareAllReduceState | None = None
+        if getattr(self.args, "skip_frozen_allreduce", True):
+            self.add_callback(_FrozenAllReduceCallback(self))
 
     @staticmethod
     def _prepare(model: nn.Module, lts_config: LTSConfig | None) -> nn.Module:
@@ -217,9 +244,14 @@ class LTSTrainer(Trainer):
 
     # -- logging -----------------------------------------------------------------------------------------
     def lts_metrics(self) -> dict[str, float]:
-        """``lts/frozen_ratio``, ``lts/weight_updates_saved``, ``lts/backward_flops_saved`` now."""
+        """``lts/frozen_ratio``, ``lts/weight_updates_saved``, ``lts/backward_flops_saved`` now, and under DDP
+        ``lts/allreduce_bytes_saved`` (the share of gradient all-reduce bytes not sent so far)."""
         stats = self.scratcher.stats()
-        return {f"lts/{name}": float(stats[name]) for name in LOGGED_STATS}
+        metrics = {f"lts/{name}": float(stats[name]) for name in LOGGED_STATS}
+        if self.allreduce_state is not None and self.allreduce_state.bytes_default:
+            sent, default = self.allreduce_state.bytes_sent, self.allreduce_state.bytes_default
+            metrics["lts/allreduce_bytes_saved"] = 1 - sent / default
+        return metrics
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Add the LTS statistics to the training logs (logging steps and the final summary), so that every

@@ -83,6 +83,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4, help="per-process batch size")
     parser.add_argument("--save-steps", type=int, default=0)
     parser.add_argument("--resume", default=None)
+    parser.add_argument("--default-allreduce", action="store_true", help="DDP's own all-reduce hook")
     a = parser.parse_args()
 
     model = NoNormNet() if a.mode == "grad" else tiny_resnet()
@@ -101,6 +102,7 @@ def main() -> None:
         use_cpu=True,
         dataloader_pin_memory=False,
         seed=0,
+        skip_frozen_allreduce=not a.default_allreduce,
     )
     config = LTSConfig(weight_bits=2, activation_bits=4, distance_momentum=0.5, freeze_warmup_ratio=0.1)
     capture = GradCapture()
@@ -124,6 +126,7 @@ def main() -> None:
         "stats": {k: v for k, v in trainer.scratcher.stats().items() if k != "per_layer"},
         "activation_quantizers": quantizers,
         "log_losses": [e["loss"] for e in trainer.state.log_history if "loss" in e],
+        "allreduce_bytes_saved": [e.get("lts/allreduce_bytes_saved") for e in trainer.state.log_history],
     }
     with open(os.path.join(a.out, f"rank{rank}.json"), "w") as f:
         json.dump(result, f)

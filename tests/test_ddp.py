@@ -76,6 +76,15 @@ def test_resume_under_ddp_is_exact(straight_run, tmp_path):
     assert resumed[0]["digest"] == resumed[1]["digest"] == ranks(straight_run)[0]["digest"]
 
 
+def test_skipping_frozen_weights_in_the_allreduce_is_bit_identical(straight_run, tmp_path):
+    run(torchrun(WORKER, "train", "--out", str(tmp_path), "--steps", "10", "--default-allreduce"), REPO)
+    default = ranks(tmp_path)
+    assert default[0]["digest"] == default[1]["digest"] == ranks(straight_run)[0]["digest"]
+    saved = [s for s in ranks(straight_run)[0]["allreduce_bytes_saved"] if s is not None]
+    assert saved and saved[-1] > 0  # fully frozen tensors were left out once they appeared
+    assert not any(default[0]["allreduce_bytes_saved"])
+
+
 def test_global_batch_gradient_does_not_depend_on_the_number_of_processes(tmp_path):
     """2 processes × batch 4 must give the gradient of 1 process × batch 8 (the Trainer's world-size loss
     scaling for models taking ``**kwargs`` would double it)."""
