@@ -7,6 +7,7 @@ It works on the LTS state buffers of a prepared model and knows nothing of the T
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
 import torch
@@ -15,6 +16,7 @@ from torch import nn
 from .config import LTSConfig
 from .quantization import state
 from .quantization.layers import QuantLayerMixin
+from .quantization.lsq import SCALE_EPS
 from .quantization.prepare import quantized_layers
 
 
@@ -34,6 +36,77 @@ def freeze_threshold(config: LTSConfig, step: int, total_steps: int) -> float | 
     return p if config.freeze_schedule == "linear" else math.sin(math.pi / 2 * p)
 
 
+#: Models with at least this many quantized weights run the update compiled by default (`torch.compile`):
+#: there the one fused pass saves far more than the one-off compile costs; tiny models stay eager.
+COMPILE_MIN_WEIGHTS = 1_000_000
+
+_HASH_MULTIPLIER = 0x45D9F3B  # < 2^27: the int64 products below never overflow
+_LOW32 = 0xFFFFFFFF
+
+
+def _hash_uniform(index: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+    """A uniform draw in ``[0, 1)`` (24 bits) per element from a 32-bit integer hash of ``index + key``.
+
+    Counter-based rather than a generator: it depends only on (key, element), so it is the same in
+    every process, on resume, eagerly and compiled, and a fused kernel computes it in registers.
+    """
+    h = (index + key) & _LOW32
+    h = h ^ (h >> 16)
+    h = (h * _HASH_MULTIPLIER) & _LOW32
+    h = h ^ (h >> 16)
+    h = (h * _HASH_MULTIPLIER) & _LOW32
+    h = h ^ (h >> 16)
+    return (h >> 8).to(torch.float32) * 2.0**-24
+
+
+def _step_key(t: int, index: int) -> int:
+    """The hash key of optimizer step ``t`` in layer ``index`` (spreads (t, layer) over 32 bits)."""
+    return (t * 0x9E3779B1 + index * 0x85EBCA77) & _LOW32
+
+
+def update_layer_state(
+    weight: torch.Tensor,
+    packed: torch.Tensor,
+    scale: torch.Tensor,
+    key: torch.Tensor,
+    keep: torch.Tensor,
+    threshold: torch.Tensor,
+    qmin: int,
+    qmax: int,
+) -> torch.Tensor:
+    """One LTS update of a layer (LTS.md §2–4), in place; returns how many weights froze now.
+
+    ``weight`` and ``packed`` are ``[C, K]`` views (``C`` = number of step sizes), ``scale`` is ``[C, 1]``,
+    ``key`` (int64) seeds the stochastic rounding, ``keep = 1 - m`` (float32) and ``threshold`` is ``r(t)``
+    in fixed point (int32, ``-1`` while nothing may freeze). The scalars are tensors so that one compiled
+    kernel serves every step. Frozen weights keep their state and get their held latent value back;
+    trainable ones update their distance EMA in fixed point,
+
+        d ← d + floor((1 - m) · (d_now - d) + u),    u ~ U[0, 1)   (stochastic rounding),
+
+    restart at a whole step when their level changed, and freeze (snapped onto their level) once
+    ``d ≤ r(t)``. Only integer ops and single IEEE float ops: the eager and compiled results agree bit
+    for bit.
+    """
+    frozen = (packed & state.FROZEN_BIT) != 0
+    v = weight.float() * torch.reciprocal(scale)
+    q = torch.round(v).clamp_(qmin, qmax)
+    d_now = (v - q).abs_().clamp_(max=state.DISTANCE_MAX).mul_(state.DISTANCE_ONE)
+    old = packed & state.DISTANCE_MASK
+    index = torch.arange(packed.numel(), device=packed.device).view(packed.shape)
+    delta = torch.floor(keep * (d_now - old.float()) + _hash_uniform(index, key))
+    fixed = (old + delta.to(torch.int32)).clamp_(0, state.DISTANCE_MASK)
+    level = q.to(torch.int32)
+    fixed = torch.where(level != (packed >> state.LEVEL_SHIFT), state.DISTANCE_ONE, fixed)
+    newly = ~frozen & (fixed <= threshold)
+    low = torch.where(newly, state.bfloat16_bits(q * scale) + state.FROZEN_BIT, fixed)
+    new = torch.where(frozen, packed, level * (1 << state.LEVEL_SHIFT) + low)
+    packed.copy_(new)
+    held = state.from_bfloat16_bits(new).to(weight.dtype)
+    weight.copy_(torch.where((new & state.FROZEN_BIT) != 0, held, weight))
+    return newly.sum()
+
+
 class LotteryTicketScratcher:
     """Tracks how far each quantized weight is from its level and freezes the settled ones.
 
@@ -41,14 +114,23 @@ class LotteryTicketScratcher:
         model: a model prepared with `hf_lts.prepare_model`.
         config: its `LTSConfig` (default: ``model.lts_config``).
         total_steps: ``T``, the run's number of optimizer steps (sets warm-up and schedule).
+        compile: run the per-layer update as one fused `torch.compile` kernel (bit-identical to eager).
+            ``None``: when the model has at least `COMPILE_MIN_WEIGHTS` quantized weights. If compiling
+            fails, the scratcher warns and stays eager.
 
     All state, the step counter included, lives in the layers' buffers: a model restored from a
     ``state_dict`` mid-run continues exactly, and a new scratcher over it picks up where it was.
-    Stochastic rounding of the distance draws from a generator seeded by (step, layer), so the update is
-    reproducible on resume and identical on every DDP rank.
+    Stochastic rounding of the distance draws from a counter-based hash keyed by (step, layer, weight),
+    so the update is reproducible on resume and identical on every DDP rank.
     """
 
-    def __init__(self, model: nn.Module, config: LTSConfig | None = None, total_steps: int = 1) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        config: LTSConfig | None = None,
+        total_steps: int = 1,
+        compile: bool | None = None,
+    ) -> None:
         self.config = config if config is not None else getattr(model, "lts_config", None)
         if self.config is None:
             raise ValueError(
@@ -62,7 +144,14 @@ class LotteryTicketScratcher:
         if not isinstance(total_steps, int) or total_steps < 1:
             raise ValueError(f"total_steps={total_steps!r}: pass the run's number of optimizer steps (≥ 1).")
         self.total_steps = total_steps
-        self._generators: dict[torch.device, torch.Generator] = {}
+        if compile is None:
+            compile = sum(layer.weight.numel() for layer in self.layers.values()) >= COMPILE_MIN_WEIGHTS
+        self._kernel = (
+            torch.compile(update_layer_state, dynamic=True, fullgraph=True) if compile else update_layer_state
+        )
+        # weight._version after our last write, per fully frozen layer: unchanged means no optimizer
+        # touched it (its gradient was None), so there is nothing to restore.
+        self._restored_version: dict[str, int] = {}
 
     @property
     def step_count(self) -> int:
@@ -74,35 +163,56 @@ class LotteryTicketScratcher:
         """Account for one optimizer step: restore frozen latent weights, update distances, freeze."""
         t = self.step_count + 1
         threshold = freeze_threshold(self.config, t, self.total_steps) if self.config.freeze else None
-        for index, layer in enumerate(self.layers.values()):
-            layer._restore_frozen()
-            if self.config.freeze:
-                self._update(layer, t, index, threshold)
+        threshold_fixed = -1 if threshold is None else math.floor(threshold * state.DISTANCE_ONE)
+        keep = 1.0 - self.config.distance_momentum
+        counts = []
+        for index, (name, layer) in enumerate(self.layers.items()):
+            if not self.config.freeze:
+                layer._restore_frozen()
+            elif layer.num_frozen < layer.weight.numel():
+                counts.append((layer, self._update(layer, t, index, keep, threshold_fixed)))
+            elif self._restored_version.get(name) != layer.weight._version:
+                layer._restore_frozen()
+                self._restored_version[name] = layer.weight._version
             layer.lts_step.fill_(t)
+        if counts:
+            for (layer, _), newly in zip(counts, torch.stack([c for _, c in counts]).tolist(), strict=True):
+                layer._num_frozen += newly
+        for layer in self.layers.values():
             layer.lts_frozen_steps += layer.num_frozen
 
-    def _uniform(self, like: torch.Tensor, t: int, index: int) -> torch.Tensor:
-        generator = self._generators.get(like.device)
-        if generator is None:
-            generator = self._generators[like.device] = torch.Generator(device=like.device)
-        generator.manual_seed((t << 16) + index)
-        return torch.rand(like.shape, generator=generator, device=like.device)
-
-    def _update(self, layer: QuantLayerMixin, t: int, index: int, threshold: float | None) -> None:
-        packed = layer.lts_state
-        trainable = ~state.frozen(packed)
-        levels, v = layer.weight_quantizer.levels(layer.weight)
-        d_now = (v - levels).abs_().clamp_(max=state.DISTANCE_MAX)
-        # d ← m·d + (1-m)·d_now, written as a lerp so that d_now is an exact fixed point in fp32.
-        d = torch.lerp(state.distance(packed), d_now, 1.0 - self.config.distance_momentum)
-        fixed = torch.floor_(d.mul_(state.DISTANCE_ONE).add_(self._uniform(d, t, index)))
-        fixed = fixed.clamp_(max=state.DISTANCE_MASK).to(torch.int32)
-        # A weight whose level changed has just crossed a boundary: it restarts a whole step away.
-        fixed = torch.where(levels.to(torch.int32) != state.levels(packed), state.DISTANCE_ONE, fixed)
-        packed.copy_(torch.where(trainable, state.pack_trainable(levels, fixed), packed))
-        if threshold is not None:
-            newly = trainable & (fixed <= threshold * state.DISTANCE_ONE)
-            layer._freeze_at(newly, levels)
+    def _update(
+        self, layer: QuantLayerMixin, t: int, index: int, keep: float, threshold: int
+    ) -> torch.Tensor:
+        quantizer = layer.weight_quantizer
+        scale = quantizer.scale.detach().clamp(min=SCALE_EPS)
+        channels = scale.numel()
+        weight = layer.weight.detach()
+        flat = weight.view(channels, -1) if weight.is_contiguous() else weight.reshape(channels, -1)
+        device = layer.lts_state.device
+        args = (
+            flat,
+            layer.lts_state.view(channels, -1),
+            scale.float().view(channels, 1),
+            torch.tensor(_step_key(t, index), dtype=torch.int64, device=device),
+            torch.tensor(keep, dtype=torch.float32, device=device),
+            torch.tensor(threshold, dtype=torch.int32, device=device),
+            quantizer.qmin,
+            quantizer.qmax,
+        )
+        try:
+            newly = self._kernel(*args)
+        except Exception as err:  # a missing compiler shows up at the first call
+            if self._kernel is update_layer_state:
+                raise
+            warnings.warn(
+                f"torch.compile of the LTS update failed ({err!r}); running it eagerly.", stacklevel=3
+            )
+            self._kernel = update_layer_state
+            newly = self._kernel(*args)
+        if flat.data_ptr() != weight.data_ptr():
+            weight.copy_(flat.view_as(weight))
+        return newly
 
     def stats(self) -> dict[str, Any]:
         """Frozen ratio now, and the weight updates and backward FLOPs saved so far (LTS.md §5)."""

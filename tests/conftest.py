@@ -6,6 +6,7 @@ import importlib
 from collections.abc import Iterator
 
 import pytest
+import torch
 from hub_server import HubServer
 
 # Module globals that copy a Hub setting at import time, besides those of `huggingface_hub.constants`:
@@ -17,6 +18,16 @@ _IMPORT_TIME_COPIES = {
     "transformers.utils.hub": {"HF_MODULES_CACHE": "modules"},
     "transformers.dynamic_module_utils": {"HF_MODULES_CACHE": "modules"},
 }
+
+
+@pytest.fixture(autouse=True, scope="session")
+def one_thread() -> Iterator[None]:
+    """The test models are tiny: their ops run faster on one intra-op thread, and far faster when other
+    processes share the cores (no oversubscription)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture

@@ -19,15 +19,6 @@ from hf_lts.hub import HubUploadError, push_export, read_export
 from hf_lts.serialization import save_export, training_state
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run faster on one intra-op thread, and far faster on a busy machine (no oversubscription)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def trained_export(folder: Path, steps: int = 3):
     """A tiny W2A2 ResNet trained a few steps with the scratcher in a plain loop, exported to ``folder``."""
     model = prepare_model(

@@ -218,3 +218,25 @@ def test_prepare_any_module():
     assert isinstance(model[0], QuantConv2d) and isinstance(model[3], QuantLinear)
     assert model(torch.randn(2, 1, 8, 8)).shape == (2, 3)
     assert model.lts_config == LTSConfig()
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_partly_frozen_weight_follows_levels_and_only_trainable_weights_feed_the_step(per_channel):
+    torch.manual_seed(4)
+    q = QuantConv2d.from_float(nn.Conv2d(3, 4, 3), weight_bits=3, activation_bits=4, per_channel=per_channel)
+    mask = torch.rand_like(q.weight) < 0.5
+    q.freeze_(mask)
+    with torch.no_grad():  # move the step after freezing: frozen weights must follow q·s
+        q.weight_quantizer.scale.mul_(1.05)
+    wq = q.weight_quantizer
+    w_hat = q.quantized_weight()
+    grad_out = torch.randn_like(w_hat)
+    w_hat.backward(grad_out)
+    ref_out, ref_dw, ref_ds = lsq_reference(
+        q.weight.detach(), wq.scale.detach(), wq.qmin, wq.qmax, wq.grad_factor, grad_out.masked_fill(mask, 0)
+    )
+    s = wq.scale.detach().double().view(-1, 1, 1, 1)
+    ref_out = torch.where(mask, q.weight_levels.double() * s, ref_out)
+    torch.testing.assert_close(w_hat.detach().double(), ref_out, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(q.weight.grad.double(), ref_dw, rtol=0, atol=0)
+    torch.testing.assert_close(wq.scale.grad.double(), ref_ds, rtol=1e-4, atol=1e-6)

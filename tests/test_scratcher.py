@@ -201,7 +201,24 @@ def test_frozen_weights_bit_exact_under_any_optimizer(make_optimizer):
         if t == 10:
             frozen_by_step_10 = sum(int(m.sum()) for m in was_frozen.values())
     assert frozen_by_step_10 > 100, "enough weights must freeze early to be held for ≥ 50 steps"
-    assert scratcher.stats()["frozen_ratio"] > 0.5
+    assert scratcher.stats()["frozen_ratio"] > 0.25
+
+
+@pytest.mark.slow
+def test_compiled_update_is_bit_identical_to_eager():
+    """The fused `torch.compile` kernel and the eager path are the same function: same bits."""
+    config = LTSConfig(weight_bits=3, distance_momentum=0.8, freeze_warmup_ratio=0.1, per_channel=True)
+    runs = []
+    for compile in (False, True):
+        model = prepare_model(tiny_resnet(), config)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
+        scratcher = LotteryTicketScratcher(model, total_steps=10, compile=compile)
+        train(model, optimizer, scratcher, batches(10, seed=5))
+        runs.append((model.state_dict(), scratcher.stats()))
+    (eager, eager_stats), (compiled, compiled_stats) = runs
+    assert eager_stats["frozen_ratio"] > 0 and eager_stats == compiled_stats
+    for key in eager:
+        assert torch.equal(eager[key], compiled[key]), key
 
 
 def test_state_dict_round_trip_mid_schedule_continues_identically():

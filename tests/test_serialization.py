@@ -30,15 +30,6 @@ from hf_lts.serialization import (
 BUILDERS = {"resnet": tiny_resnet, "mobilenet": tiny_mobilenet}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run faster on one intra-op thread, and far faster on a busy machine (no oversubscription)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def train_briefly(model, config: LTSConfig, steps: int = 3, seed: int = 0):
     """Prepare, take a few SGD steps with the scratcher, freeze ~30 % of every layer, step once more (so
     step sizes move away from the frozen latents), and return the model in eval mode with an input."""

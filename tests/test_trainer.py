@@ -20,15 +20,6 @@ from hf_lts.quantization import quantized_layers, state
 FAST_FREEZE = LTSConfig(weight_bits=4, activation_bits=4, distance_momentum=0.5, freeze_warmup_ratio=0.2)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one intra-op thread is faster, and two crawl when other processes share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def digits():
     return load_image_dataset("digits")

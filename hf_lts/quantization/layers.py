@@ -108,9 +108,9 @@ class QuantLayerMixin:
     def _freeze_at(self, new: torch.Tensor, levels: torch.Tensor) -> None:
         """Freeze ``new`` (trainable weights) at ``levels``: snap the latent value onto the level, once."""
         scale = broadcast_scale(self.weight_quantizer.scale, self.weight.ndim)
-        snapped = (levels * scale).to(torch.bfloat16)
-        self.lts_state.copy_(torch.where(new, state.pack_frozen(levels, snapped), self.lts_state))
-        self.weight.copy_(torch.where(new, snapped.to(self.weight.dtype), self.weight))
+        packed = state.pack_frozen(levels, levels * scale)
+        self.lts_state.copy_(torch.where(new, packed, self.lts_state))
+        self.weight.copy_(torch.where(new, state.latent(packed).to(self.weight.dtype), self.weight))
         self._num_frozen += int(new.sum())
 
     @torch.no_grad()
@@ -126,13 +126,12 @@ class QuantLayerMixin:
         quantizer = self.weight_quantizer
         if self._num_frozen == 0:
             return quantizer(self.weight)
+        if self._num_frozen < self.weight.numel():
+            return quantizer(self.weight, self.lts_state)
         with torch.no_grad():
             quantizer.scale.clamp_(min=SCALE_EPS)
-        scale = broadcast_scale(quantizer.scale.detach(), self.weight.ndim)
-        held = state.levels(self.lts_state).to(scale.dtype) * scale
-        if self._num_frozen == self.weight.numel():
-            return _ZeroGrad.apply(held, self.weight, quantizer.scale) if _distributed() else held
-        return torch.where(self.frozen_mask, held, quantizer(self.weight))
+        held = state.levels(self.lts_state) * broadcast_scale(quantizer.scale.detach(), self.weight.ndim)
+        return _ZeroGrad.apply(held, self.weight, quantizer.scale) if _distributed() else held
 
     def _after_forward(self, out: torch.Tensor) -> None:
         if self.training and not self._macs_known:

@@ -36,10 +36,25 @@ def pack_trainable(levels: torch.Tensor, distance_fixed: torch.Tensor) -> torch.
     return levels.to(torch.int32) * (1 << LEVEL_SHIFT) + distance_fixed.to(torch.int32)
 
 
+def bfloat16_bits(x: torch.Tensor) -> torch.Tensor:
+    """The bfloat16 bits (in ``[0, 2^16)``, int32) of float32 ``x`` rounded to nearest even.
+
+    Integer arithmetic on the float's bits, as ``x.to(torch.bfloat16)`` rounds finite values: unlike a
+    bfloat16 view it vectorises when compiled (`hf_lts.scratcher.update_layer_state`).
+    """
+    bits = x.float().view(torch.int32)
+    return ((bits + (0x7FFF + ((bits >> 16) & 1))) >> 16) & LATENT_MASK
+
+
+def from_bfloat16_bits(bits: torch.Tensor) -> torch.Tensor:
+    """The float32 value of bfloat16 ``bits`` (the low 16 bits of an int32 tensor), exactly."""
+    magnitude = ((bits & 0x7FFF) << 16).view(torch.float32)
+    return torch.where((bits & 0x8000) != 0, -magnitude, magnitude)
+
+
 def pack_frozen(levels: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
-    """Frozen weights at ``levels`` whose latent value is ``latent`` (must be bfloat16)."""
-    bits = latent.view(torch.int16).to(torch.int32) & LATENT_MASK
-    return levels.to(torch.int32) * (1 << LEVEL_SHIFT) + FROZEN_BIT + bits
+    """Frozen weights at ``levels`` whose latent value is ``latent`` (float32, rounded to bfloat16 here)."""
+    return levels.to(torch.int32) * (1 << LEVEL_SHIFT) + FROZEN_BIT + bfloat16_bits(latent)
 
 
 def levels(state: torch.Tensor) -> torch.Tensor:
@@ -63,4 +78,4 @@ def distance(state: torch.Tensor) -> torch.Tensor:
 
 def latent(state: torch.Tensor) -> torch.Tensor:
     """The held latent value of frozen weights, as float32 (meaningless for trainable ones)."""
-    return (state & LATENT_MASK).to(torch.int16).view(torch.bfloat16).float()
+    return from_bfloat16_bits(state)

@@ -1,0 +1,1 @@
+"""Speed, memory and accuracy harnesses (run as ``python -m benchmarks.<name>``)."""

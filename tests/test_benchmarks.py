@@ -1,0 +1,48 @@
+"""Smoke test of the speed harness (``python -m benchmarks.speed --quick``) on a tiny model."""
+
+import json
+
+from benchmarks import speed
+
+
+def test_speed_harness_quick_run_writes_every_field(tmp_path):
+    output = tmp_path / "speed.json"
+    variants = ["fp32", "qat", "lts-real-70", "lts-all-100"]
+    speed.main(
+        [
+            "--quick",
+            "--repeats",
+            "2",
+            "--warmup",
+            "1",
+            "--variants",
+            *variants,
+            "--output",
+            str(output),
+            "--memory-variants",
+            "qat",
+            "lts-all-100",
+        ]
+    )
+    results = json.loads(output.read_text())
+    assert results["command"].startswith("python -m benchmarks.speed --quick")
+    tiny = results["models"]["tiny"]
+    assert tiny["mask_run"]["steps"] == 12 and tiny["mask_run"]["data"] in ("fashion-mnist", "digits")
+    rows = tiny["variants"]
+    assert list(rows) == variants
+    for name, row in rows.items():
+        assert row["step_ms"] > 0 and len(row["step_ms_all"]) == 2, name
+        assert row["backward_flops"] > 0, name
+        assert {"step_vs_fp32", "step_vs_qat", "backward_flops_saved_measured"} <= row.keys(), name
+    assert rows["qat"]["step_vs_qat"] == 1.0 and rows["qat"]["backward_flops_saved_measured"] == 0.0
+    assert rows["lts-real-70"]["state_bytes_per_weight"] == 4.0
+    assert 0.6 < rows["lts-real-70"]["frozen_ratio"] < 0.8
+    for name in ("qat", "lts-all-100"):  # one fresh subprocess each
+        assert rows[name]["peak_rss_mb"] > 0 and rows[name]["training_mb"] > 0, name
+    assert "training_memory_vs_qat" in rows["lts-all-100"] and "peak_rss_mb" not in rows["fp32"]
+    everything = rows["lts-all-100"]
+    assert everything["frozen_ratio"] == 1.0
+    # nothing computes a weight gradient: the backward saves exactly the counted half of conv/linear FLOPs
+    assert (
+        abs(everything["backward_flops_saved_measured"] - everything["backward_flops_saved_counted"]) < 0.01
+    )
