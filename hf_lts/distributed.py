@@ -9,7 +9,6 @@ bytes it sends, which is how the savings are measured.
 (No ``from __future__ import annotations`` here: DDP checks the hook's annotations at registration.)
 """
 
-
 from dataclasses import dataclass, field
 
 import torch
