@@ -16,7 +16,7 @@ from torch import nn
 from .config import LTSConfig
 from .quantization import state
 from .quantization.layers import QuantLayerMixin
-from .quantization.lsq import SCALE_EPS
+from .quantization.lsq import COMPILE_MIN_WEIGHTS, SCALE_EPS
 from .quantization.prepare import quantized_layers
 
 
@@ -35,10 +35,6 @@ def freeze_threshold(config: LTSConfig, step: int, total_steps: int) -> float | 
     p = min(1.0, (step - t_w) / max(1, total_steps - t_w))
     return p if config.freeze_schedule == "linear" else math.sin(math.pi / 2 * p)
 
-
-#: Models with at least this many quantized weights run the update compiled by default (`torch.compile`):
-#: there the one fused pass saves far more than the one-off compile costs; tiny models stay eager.
-COMPILE_MIN_WEIGHTS = 1_000_000
 
 _HASH_MULTIPLIER = 0x45D9F3B  # < 2^27: the int64 products below never overflow
 _LOW32 = 0xFFFFFFFF

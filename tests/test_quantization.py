@@ -240,3 +240,23 @@ def test_partly_frozen_weight_follows_levels_and_only_trainable_weights_feed_the
     torch.testing.assert_close(w_hat.detach().double(), ref_out, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(q.weight.grad.double(), ref_dw, rtol=0, atol=0)
     torch.testing.assert_close(wq.scale.grad.double(), ref_ds, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_fused_fake_quantization_is_bit_identical_to_eager(per_channel):
+    """Large models run the forward as one compiled kernel (`fused`): same outputs and gradients, bit for bit."""
+    torch.manual_seed(0)
+    x = torch.randn(64, 32, 3, 3)
+    scale = torch.rand(64 if per_channel else 1) * 0.1 + 0.02
+    levels = torch.randint(-8, 8, x.shape, dtype=torch.int32)
+    packed = levels * (1 << 24) + (torch.rand(x.shape) < 0.5).int() * (1 << 23)
+    grad_out = torch.randn(x.shape)
+    results = []
+    for fused in (False, True):
+        xg, sg = x.clone().requires_grad_(), scale.clone().requires_grad_()
+        out = fake_quantize(xg, sg, -8, 7, 0.01, packed, fused)
+        out.backward(grad_out)
+        results.append((out.detach(), xg.grad, sg.grad))
+    for eager, fused in zip(*results, strict=True):
+        assert torch.equal(eager, fused)

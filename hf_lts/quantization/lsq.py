@@ -11,12 +11,18 @@ levels the scratcher tracks are the levels the forward pass used.
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from . import state
+
+#: Models with at least this many quantized weights run their fake quantization and the scratcher's
+#: update as fused `torch.compile` kernels: there one pass instead of several saves far more than the
+#: one-off compile costs; small models stay eager (``prepare_model`` decides, see ``fused``).
+COMPILE_MIN_WEIGHTS = 1_000_000
 
 #: Lower bound on a step size: keeps ``1/s`` finite if an optimizer drives ``s`` through zero.
 SCALE_EPS = 1e-8
@@ -37,48 +43,90 @@ def broadcast_scale(scale: torch.Tensor, ndim: int) -> torch.Tensor:
     return scale.view(-1, *([1] * (ndim - 1)))
 
 
+def _fake_quantize_math(
+    x: torch.Tensor, scale: torch.Tensor, qmin: torch.Tensor, qmax: torch.Tensor, packed: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Output, straight-through mask and ``∂(q·s)/∂s`` of ``[C, K]`` values with ``[C, 1]`` steps.
+
+    A pure function of tensors (the bounds too, so that one compiled kernel serves every bit width):
+    `torch.compile` fuses it into one pass, eagerly it is a few vectorised passes. Both give the same bits.
+    """
+    v = x * torch.reciprocal(scale)
+    rounded = torch.round(v)
+    q = torch.clamp(rounded, qmin, qmax)
+    inside = q == rounded  # round(v) ∈ [Qn, Qp]: the straight-through estimator passes the gradient
+    if packed is not None:
+        frozen = (packed & state.FROZEN_BIT) != 0
+        q = torch.where(frozen, (packed >> state.LEVEL_SHIFT).to(q.dtype), q)
+        inside = inside & ~frozen
+    dq = torch.where(inside, rounded - v, q)  # ∂(q·s)/∂s: q - v inside, Qn or Qp outside
+    if packed is not None:
+        dq = dq.masked_fill(frozen, 0.0)
+    return q * scale, inside, dq
+
+
+_compiled_math = None
+
+
+def _math(fused: bool):
+    """`_fake_quantize_math`, compiled once (dynamic shapes) when ``fused``; eager if compiling fails."""
+    global _compiled_math
+    if not fused or _compiled_math is False:
+        return _fake_quantize_math
+    if _compiled_math is None:
+        _compiled_math = torch.compile(_fake_quantize_math, dynamic=True, fullgraph=True)
+    return _compiled_math
+
+
 class _LSQFakeQuantize(torch.autograd.Function):
-    """LSQ fake quantization in a few vectorised passes, with LTS-frozen weights held at their level.
+    """LSQ fake quantization with LTS-frozen weights held at their level.
 
     PyTorch's fused learnable fake-quantize kernels are scalar loops (≈ 7 ns per element forward and
-    11 ns backward on the reference CPU); seven vectorised passes forward and two backward cost a fraction
-    of that. The forward saves what the backward needs — the straight-through mask and ``∂(q·s)/∂s`` —
-    rather than recomputing them from ``x``. With ``packed`` (an LTS state), frozen weights output
-    ``q_frozen · s`` and take no part in either gradient: zero gradient for them, nothing from them in the
-    step's gradient.
+    11 ns backward on the reference CPU); a few vectorised passes — or one compiled kernel — forward and
+    two backward cost a fraction of that. The forward saves what the backward needs — the
+    straight-through mask and ``∂(q·s)/∂s`` — rather than recomputing them from ``x``. With ``packed`` (an
+    LTS state), frozen weights output ``q_frozen · s`` and take no part in either gradient: zero gradient
+    for them, nothing from them in the step's gradient.
     """
 
     @staticmethod
-    def forward(ctx, x, scale, qmin, qmax, grad_factor, packed):
-        s = broadcast_scale(scale, x.ndim)
-        v = x * torch.reciprocal(s)
-        rounded = torch.round(v)
-        q = rounded.clamp(qmin, qmax)
-        inside = q == rounded  # round(v) ∈ [Qn, Qp]: the straight-through estimator passes the gradient
-        if packed is not None:
-            frozen = state.frozen(packed)
-            q = torch.where(frozen, state.levels(packed).to(q.dtype), q)
-            inside &= ~frozen
-        out = q * s
-        dq = torch.where(inside, rounded.sub_(v), q)  # ∂(q·s)/∂s: q - v inside, Qn or Qp outside
-        if packed is not None:
-            dq.masked_fill_(frozen, 0.0)
+    def forward(ctx, x, scale, qmin, qmax, grad_factor, packed, fused):
+        global _compiled_math
+        channels = scale.numel()
+        args = (
+            x.reshape(channels, -1),
+            scale.view(channels, 1),
+            torch.tensor(float(qmin), device=x.device),
+            torch.tensor(float(qmax), device=x.device),
+            None if packed is None else packed.view(channels, -1),
+        )
+        try:
+            out, inside, dq = _math(fused)(*args)
+        except Exception as err:  # a missing compiler shows up at the first call
+            if not fused or _compiled_math is False:
+                raise
+            warnings.warn(
+                f"torch.compile of the fake quantization failed ({err!r}); running it eagerly.", stacklevel=2
+            )
+            _compiled_math = False
+            out, inside, dq = _fake_quantize_math(*args)
         ctx.save_for_backward(inside, dq)
-        ctx.per_tensor, ctx.grad_factor = scale.numel() == 1, grad_factor
-        return out
+        ctx.grad_factor, ctx.shape = grad_factor, x.shape
+        return out.view(x.shape)
 
     @staticmethod
     def backward(ctx, grad):
         inside, dq = ctx.saved_tensors
-        grad_x = grad * inside if ctx.needs_input_grad[0] else None
+        grad = grad.reshape(inside.shape)
+        grad_x = (grad * inside).view(ctx.shape) if ctx.needs_input_grad[0] else None
         grad_scale = None
         if ctx.needs_input_grad[1]:
-            if ctx.per_tensor:
+            if inside.shape[0] == 1:
                 grad_scale = torch.dot(grad.reshape(-1), dq.reshape(-1)).reshape(1)
             else:
-                grad_scale = (grad * dq).flatten(1).sum(1)
+                grad_scale = (grad * dq).sum(1)
             grad_scale = grad_scale * ctx.grad_factor
-        return grad_x, grad_scale, None, None, None, None
+        return grad_x, grad_scale, None, None, None, None, None
 
 
 def fake_quantize(
@@ -88,11 +136,12 @@ def fake_quantize(
     qmax: int,
     grad_factor: float,
     packed: torch.Tensor | None = None,
+    fused: bool = False,
 ) -> torch.Tensor:
     """``clamp(round(x / s), qmin, qmax) · s`` with LSQ gradients, per tensor (``scale`` of one element)
     or per channel along dim 0. With an LTS state ``packed``, its frozen elements are held at their
-    frozen level with no gradient."""
-    return _LSQFakeQuantize.apply(x.float(), scale, qmin, qmax, grad_factor, packed)
+    frozen level with no gradient. ``fused`` runs the forward as one `torch.compile` kernel."""
+    return _LSQFakeQuantize.apply(x.float(), scale, qmin, qmax, grad_factor, packed, fused)
 
 
 @torch.no_grad()
@@ -119,6 +168,7 @@ class WeightFakeQuantizer(nn.Module):
         self.per_channel = per_channel
         self.qmin, self.qmax = signed_range(bits)
         self.scale = nn.Parameter(lsq_init_scale(weight, self.qmax, per_channel))
+        self.fused = False  # one compiled kernel instead of a few eager passes (set by prepare_model)
         per_scale = weight[0].numel() if per_channel else weight.numel()
         self.grad_factor = 1.0 / math.sqrt(per_scale * self.qmax)
 
@@ -127,7 +177,7 @@ class WeightFakeQuantizer(nn.Module):
         `fake_quantize`)."""
         with torch.no_grad():
             self.scale.clamp_(min=SCALE_EPS)
-        return fake_quantize(weight, self.scale, self.qmin, self.qmax, self.grad_factor, packed)
+        return fake_quantize(weight, self.scale, self.qmin, self.qmax, self.grad_factor, packed, self.fused)
 
     def levels(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(q, v)`` of `quantize_levels` for this quantizer."""
@@ -149,6 +199,7 @@ class ActivationFakeQuantizer(nn.Module):
         super().__init__()
         self.bits = bits
         self.scale = nn.Parameter(torch.ones(1))
+        self.fused = False  # one compiled kernel instead of a few eager passes (set by prepare_model)
         self.register_buffer("signed", torch.zeros((), dtype=torch.bool))
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
         self._sync_flags()
@@ -184,7 +235,7 @@ class ActivationFakeQuantizer(nn.Module):
         # LSQ: N = features of one example, so the step's gradient does not depend on the batch size
         # (and hence not on how a global batch is split across processes).
         grad_factor = 1.0 / math.sqrt(x[0].numel() * self.qmax)
-        return fake_quantize(x, self.scale, self.qmin, self.qmax, grad_factor)
+        return fake_quantize(x, self.scale, self.qmin, self.qmax, grad_factor, fused=self.fused)
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, signed={bool(self.signed)}"
