@@ -1,0 +1,61 @@
+"""Smoke test of the accuracy harness (``python -m benchmarks.accuracy --smoke``): a few steps on digits.
+
+It checks the grid and the records, not accuracy: a handful of steps trains nothing.
+"""
+
+import json
+
+from benchmarks import accuracy
+
+FIELDS = {
+    "model",
+    "weight_bits",
+    "activation_bits",
+    "method",
+    "seed",
+    "top1",
+    "top5",
+    "frozen_ratio",
+    "weight_updates_saved",
+    "backward_flops_saved",
+    "wall_seconds",
+    "frozen_history",
+}
+
+
+def test_smoke_grid_writes_records_plots_and_only_its_readme_section(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text("# Benchmarks\n\n## Speed\n\nkept as is\n")
+    output = tmp_path / "records.json"
+    argv = ["--smoke", "--bits", "2", "--seeds", "0", "--output", str(output), "--results-dir", str(tmp_path)]
+    assert accuracy.main([*argv, "--readme", str(readme)]) == 0
+
+    records = json.loads(output.read_text())
+    grid = {(r["model"], r["method"], r["weight_bits"]) for r in records}
+    expected = {(m, "fp", 32) for m in accuracy.MODELS}
+    expected |= {(m, method, 2) for m in accuracy.MODELS for method in ("qat", "lts")}
+    assert grid == expected and len(records) == len(expected)
+    for r in records:
+        assert FIELDS <= r.keys()
+        assert 0 <= r["top1"] <= r["top5"] <= 1 and r["wall_seconds"] > 0
+        assert r["activation_bits"] == r["weight_bits"] and r["seed"] == 0
+        if r["method"] == "lts":  # logged every step of the 5; the last step (r = 1) freezes in-range weights
+            assert [step for step, _ in r["frozen_history"]] == [1, 2, 3, 4, 5]
+            assert r["frozen_ratio"] > 0.5 and 0 < r["weight_updates_saved"] < r["frozen_ratio"]
+        else:
+            assert r["frozen_ratio"] == r["weight_updates_saved"] == r["backward_flops_saved"] == 0.0
+        if r["method"] == "qat":
+            assert r["frozen_history"] and all(ratio == 0 for _, ratio in r["frozen_history"])
+
+    for name in ("accuracy_smoke.md", "accuracy_smoke_top1.png", "accuracy_smoke_frozen.png"):
+        assert (tmp_path / name).stat().st_size > 0
+    text = readme.read_text()
+    assert "## Speed\n\nkept as is" in text and "| resnet18 | 2/2 | lts |" in text
+
+    # rebuilding from the records replaces the section instead of appending a second one
+    assert (
+        accuracy.main(["--from-json", str(output), "--results-dir", str(tmp_path), "--readme", str(readme)])
+        == 0
+    )
+    text = readme.read_text()
+    assert text.count(accuracy.START) == text.count(accuracy.END) == 1 and "kept as is" in text
