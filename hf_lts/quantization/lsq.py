@@ -10,6 +10,7 @@ levels the scratcher tracks are the levels the forward pass used.
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 
@@ -78,6 +79,12 @@ def _math(fused: bool):
     return _compiled_math
 
 
+@functools.cache
+def _bounds(qmin: int, qmax: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``Qn``/``Qp`` as tensors, made once per device rather than copied to it on every call."""
+    return torch.tensor(float(qmin), device=device), torch.tensor(float(qmax), device=device)
+
+
 class _LSQFakeQuantize(torch.autograd.Function):
     """LSQ fake quantization with LTS-frozen weights held at their level.
 
@@ -96,8 +103,7 @@ class _LSQFakeQuantize(torch.autograd.Function):
         args = (
             x.reshape(channels, -1),
             scale.view(channels, 1),
-            torch.tensor(float(qmin), device=x.device),
-            torch.tensor(float(qmax), device=x.device),
+            *_bounds(qmin, qmax, x.device),
             None if packed is None else packed.view(channels, -1),
         )
         try:
