@@ -14,6 +14,7 @@ from transformers.quantizers.auto import register_quantization_config
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 FREEZE_SCHEDULES = ("linear", "sine", "constant")
+DISTANCE_INITS = ("one", "observed")
 MIN_BITS, MAX_BITS = 2, 8
 
 
@@ -35,6 +36,12 @@ class LTSConfig(QuantizationConfigMixin):
         distance_momentum: momentum of the distance EMA (the paper: 0.99 CIFAR, 0.9999 ImageNet).
         freeze_warmup_ratio: fraction of the optimizer steps during which nothing freezes.
         modules_to_not_convert: module names (or dotted suffixes, or glob patterns) kept in full precision.
+        channel_completion: once this share of an output channel's weights is frozen, freeze the rest of the
+            channel at its current level, so that the channel's weight gradient is skipped; ``None`` (the
+            paper) freezes weight by weight only (LTS.md §7).
+        distance_init: where the distance EMA starts, at the start of training and after a level change:
+            ``"one"`` (the paper: one whole step, forgotten at rate ``1 - m``, which freezes late in short
+            runs) or ``"observed"`` (the first distance observed after that point; LTS.md §7).
     """
 
     quant_method: str = field(default="lts", init=False, repr=False)
@@ -49,6 +56,8 @@ class LTSConfig(QuantizationConfigMixin):
     distance_momentum: float = 0.99
     freeze_warmup_ratio: float = 0.2
     modules_to_not_convert: list[str] = field(default_factory=list)
+    channel_completion: float | None = None
+    distance_init: str = "one"
 
     def __post_init__(self) -> None:
         self.modules_to_not_convert = list(self.modules_to_not_convert or [])
@@ -73,6 +82,14 @@ class LTSConfig(QuantizationConfigMixin):
         _check_range("distance_momentum", self.distance_momentum, "[0, 1)", lambda v: 0 <= v < 1)
         _check_range("freeze_warmup_ratio", self.freeze_warmup_ratio, "[0, 1)", lambda v: 0 <= v < 1)
         _check_range("freeze_threshold", self.freeze_threshold, "[0, 1]", lambda v: 0 <= v <= 1)
+        if self.channel_completion is not None:
+            _check_range(
+                "channel_completion", self.channel_completion, "(0, 1] or None (off)", lambda v: 0 < v <= 1
+            )
+        if self.distance_init not in DISTANCE_INITS:
+            raise ValueError(
+                f"LTSConfig.distance_init={self.distance_init!r} is unknown: use one of {list(DISTANCE_INITS)}."
+            )
         if not all(isinstance(p, str) for p in self.modules_to_not_convert):
             raise ValueError(
                 f"LTSConfig.modules_to_not_convert={self.modules_to_not_convert!r} must be a list of module-name "

@@ -16,7 +16,7 @@ from torch import nn
 from .config import LTSConfig
 from .quantization import state
 from .quantization.layers import QuantLayerMixin
-from .quantization.lsq import COMPILE_MIN_WEIGHTS, SCALE_EPS
+from .quantization.lsq import SCALE_EPS, compile_default
 from .quantization.prepare import quantized_layers
 
 
@@ -64,42 +64,50 @@ def update_layer_state(
     weight: torch.Tensor,
     packed: torch.Tensor,
     scale: torch.Tensor,
-    key: torch.Tensor,
+    key: int,
     keep: torch.Tensor,
     threshold: torch.Tensor,
+    restart_observed: torch.Tensor,
     qmin: int,
     qmax: int,
 ) -> torch.Tensor:
     """One LTS update of a layer (LTS.md §2–4), in place; returns how many weights froze now.
 
-    ``weight`` and ``packed`` are ``[C, K]`` views (``C`` = number of step sizes), ``scale`` is ``[C, 1]``,
-    ``key`` (int64) seeds the stochastic rounding, ``keep = 1 - m`` (float32) and ``threshold`` is ``r(t)``
-    in fixed point (int32, ``-1`` while nothing may freeze). The scalars are tensors so that one compiled
-    kernel serves every step. Frozen weights keep their state and get their held latent value back;
+    ``weight`` and ``packed`` are flat (1-D) aliases of the layer's weight and state, ``scale`` holds its
+    ``C`` steps, ``key`` seeds the stochastic rounding, ``keep = 1 - m`` (float32), ``threshold`` is ``r(t)``
+    in fixed point (int32, ``-1`` while nothing may freeze) and ``restart_observed`` (bool) selects
+    ``distance_init="observed"``. The scalars are tensors (or an int) so that one compiled kernel serves
+    every layer and step. Frozen weights keep their state and get their held latent value back;
     trainable ones update their distance EMA in fixed point,
 
         d ← d + floor((1 - m) · (d_now - d) + u),    u ~ U[0, 1)   (stochastic rounding),
 
-    restart at a whole step when their level changed, and freeze (snapped onto their level) once
-    ``d ≤ r(t)``. Only integer ops and single IEEE float ops: the eager and compiled results agree bit
-    for bit.
+    restart at a whole step when their level changed (with ``restart_observed``, an EMA at exactly one
+    step instead takes the distance it observes: ``1 - m`` is 1 there), and freeze (snapped onto their
+    level) once ``d ≤ r(t)``. Only integer ops and single IEEE float ops: the eager and compiled results
+    agree bit for bit.
     """
+    channels = scale.shape[0]
+    flat_weight, flat_packed = weight, packed
+    weight, packed = weight.view(channels, -1), packed.view(channels, -1)
+    scale = scale.view(channels, 1)
     frozen = (packed & state.FROZEN_BIT) != 0
     v = weight.float() * torch.reciprocal(scale)
     q = torch.round(v).clamp_(qmin, qmax)
     d_now = (v - q).abs_().clamp_(max=state.DISTANCE_MAX).mul_(state.DISTANCE_ONE)
     old = packed & state.DISTANCE_MASK
+    rate = torch.where(restart_observed & (old == state.DISTANCE_ONE), 1.0, keep)
     index = torch.arange(packed.numel(), device=packed.device).view(packed.shape)
-    delta = torch.floor(keep * (d_now - old.float()) + _hash_uniform(index, key))
+    delta = torch.floor(rate * (d_now - old.float()) + _hash_uniform(index, key))
     fixed = (old + delta.to(torch.int32)).clamp_(0, state.DISTANCE_MASK)
     level = q.to(torch.int32)
     fixed = torch.where(level != (packed >> state.LEVEL_SHIFT), state.DISTANCE_ONE, fixed)
     newly = ~frozen & (fixed <= threshold)
     low = torch.where(newly, state.bfloat16_bits(q * scale) + state.FROZEN_BIT, fixed)
     new = torch.where(frozen, packed, level * (1 << state.LEVEL_SHIFT) + low)
-    packed.copy_(new)
+    flat_packed.copy_(new.view(-1))
     held = state.from_bfloat16_bits(new).to(weight.dtype)
-    weight.copy_(torch.where((new & state.FROZEN_BIT) != 0, held, weight))
+    flat_weight.copy_(torch.where((new & state.FROZEN_BIT) != 0, held, weight).view(-1))
     return newly.sum()
 
 
@@ -111,8 +119,7 @@ class LotteryTicketScratcher:
         config: its `LTSConfig` (default: ``model.lts_config``).
         total_steps: ``T``, the run's number of optimizer steps (sets warm-up and schedule).
         compile: run the per-layer update as one fused `torch.compile` kernel (bit-identical to eager).
-            ``None``: when the model has at least `COMPILE_MIN_WEIGHTS` quantized weights. If compiling
-            fails, the scratcher warns and stays eager.
+            ``None``: unless ``HF_LTS_COMPILE=0``. If compiling fails, the scratcher warns and stays eager.
 
     All state, the step counter included, lives in the layers' buffers: a model restored from a
     ``state_dict`` mid-run continues exactly, and a new scratcher over it picks up where it was.
@@ -141,7 +148,7 @@ class LotteryTicketScratcher:
             raise ValueError(f"total_steps={total_steps!r}: pass the run's number of optimizer steps (≥ 1).")
         self.total_steps = total_steps
         if compile is None:
-            compile = sum(layer.weight.numel() for layer in self.layers.values()) >= COMPILE_MIN_WEIGHTS
+            compile = compile_default()
         self._kernel = (
             torch.compile(update_layer_state, dynamic=True, fullgraph=True) if compile else update_layer_state
         )
@@ -158,41 +165,61 @@ class LotteryTicketScratcher:
     def step(self) -> None:
         """Account for one optimizer step: restore frozen latent weights, update distances, freeze."""
         t = self.step_count + 1
-        threshold = freeze_threshold(self.config, t, self.total_steps) if self.config.freeze else None
-        threshold_fixed = -1 if threshold is None else math.floor(threshold * state.DISTANCE_ONE)
-        keep = 1.0 - self.config.distance_momentum
+        config = self.config
+        threshold = freeze_threshold(config, t, self.total_steps) if config.freeze else None
+        device = next(iter(self.layers.values())).lts_state.device
+        scalars = (
+            torch.tensor(1.0 - config.distance_momentum, dtype=torch.float32, device=device),
+            torch.tensor(
+                -1 if threshold is None else math.floor(threshold * state.DISTANCE_ONE),
+                dtype=torch.int32,
+                device=device,
+            ),
+            torch.tensor(config.distance_init == "observed", device=device),
+        )
         counts = []
         for index, (name, layer) in enumerate(self.layers.items()):
-            if not self.config.freeze:
+            if not config.freeze:
                 layer._restore_frozen()
             elif layer.num_frozen < layer.weight.numel():
-                counts.append((layer, self._update(layer, t, index, keep, threshold_fixed)))
+                counts.append((layer, self._update(layer, _step_key(t, index), scalars)))
             elif self._restored_version.get(name) != layer.weight._version:
                 layer._restore_frozen()
                 self._restored_version[name] = layer.weight._version
             layer.lts_step.fill_(t)
         if counts:
             for (layer, _), newly in zip(counts, torch.stack([c for _, c in counts]).tolist(), strict=True):
-                layer._num_frozen += newly
+                if newly:
+                    layer._num_frozen += newly
+                    layer._refresh_active_channels()
+                    if config.channel_completion is not None:
+                        self._complete_channels(layer, config.channel_completion)
         for layer in self.layers.values():
             layer.lts_frozen_steps += layer.num_frozen
+            layer.lts_skipped_steps += layer.skipped_channel_ratio
 
-    def _update(
-        self, layer: QuantLayerMixin, t: int, index: int, keep: float, threshold: int
-    ) -> torch.Tensor:
+    @staticmethod
+    def _complete_channels(layer: QuantLayerMixin, share: float) -> None:
+        """Freeze the rest of every output channel of which at least ``share`` is frozen, at its current
+        level: the channel's weight gradient is then skipped (LTS.md §7, channel completion)."""
+        channels = layer.weight.shape[0]
+        frozen = state.frozen(layer.lts_state).view(channels, -1)
+        ratio = frozen.float().mean(1)
+        complete = (ratio >= share) & (ratio < 1)
+        if bool(complete.any()):
+            new = (complete.unsqueeze(1) & ~frozen).view_as(layer.weight)
+            layer._freeze_at(new, state.levels(layer.lts_state))
+
+    def _update(self, layer: QuantLayerMixin, key: int, scalars: tuple[torch.Tensor, ...]) -> torch.Tensor:
         quantizer = layer.weight_quantizer
-        scale = quantizer.scale.detach().clamp(min=SCALE_EPS)
-        channels = scale.numel()
         weight = layer.weight.detach()
-        flat = weight.view(channels, -1) if weight.is_contiguous() else weight.reshape(channels, -1)
-        device = layer.lts_state.device
+        flat = weight.reshape(-1).detach()
         args = (
             flat,
-            layer.lts_state.view(channels, -1),
-            scale.float().view(channels, 1),
-            torch.tensor(_step_key(t, index), dtype=torch.int64, device=device),
-            torch.tensor(keep, dtype=torch.float32, device=device),
-            torch.tensor(threshold, dtype=torch.int32, device=device),
+            layer.lts_state.view(-1).detach(),
+            quantizer.scale.detach().clamp(min=SCALE_EPS).float(),
+            key,
+            *scalars,
             quantizer.qmin,
             quantizer.qmax,
         )
@@ -206,27 +233,35 @@ class LotteryTicketScratcher:
             )
             self._kernel = update_layer_state
             newly = self._kernel(*args)
-        if flat.data_ptr() != weight.data_ptr():
+        if flat.data_ptr() != weight.data_ptr():  # a non-contiguous weight: reshape copied it
             weight.copy_(flat.view_as(weight))
         return newly
 
     def stats(self) -> dict[str, Any]:
-        """Frozen ratio now, and the weight updates and backward FLOPs saved so far (LTS.md §5)."""
+        """Frozen ratio now, and the weight updates and backward FLOPs saved so far (LTS.md §5).
+
+        ``backward_flops_saved`` is the paper's count (every frozen weight's share of its layer's
+        weight-gradient work); ``backward_flops_saved_realised`` is the work the backward pass actually
+        skipped: the weight gradients of output channels (or whole layers) with no trainable weight left.
+        """
         t = self.step_count
         numel = {n: layer.weight.numel() for n, layer in self.layers.items()}
         total = sum(numel.values())
         frozen_steps = {n: float(layer.lts_frozen_steps) for n, layer in self.layers.items()}
+        skipped_steps = {n: float(layer.lts_skipped_steps) for n, layer in self.layers.items()}
         macs = {n: int(layer.lts_macs) for n, layer in self.layers.items()}
         all_macs = sum(macs.values())
-        saved_flops = 0.0
+        saved_flops = realised_flops = 0.0
         if t and all_macs:
             saved_flops = sum(frozen_steps[n] / numel[n] * macs[n] for n in self.layers) / (2 * all_macs * t)
+            realised_flops = sum(skipped_steps[n] * macs[n] for n in self.layers) / (2 * all_macs * t)
         return {
             "step": t,
             "total_steps": self.total_steps,
             "frozen_ratio": sum(layer.num_frozen for layer in self.layers.values()) / total,
             "weight_updates_saved": sum(frozen_steps.values()) / (total * t) if t else 0.0,
             "backward_flops_saved": saved_flops,
+            "backward_flops_saved_realised": realised_flops,
             "state_bytes_per_weight": sum(
                 layer.lts_state.numel() * layer.lts_state.element_size() for layer in self.layers.values()
             )
@@ -235,6 +270,7 @@ class LotteryTicketScratcher:
             "per_layer": {
                 n: {
                     "frozen_ratio": layer.num_frozen / numel[n],
+                    "skipped_channel_ratio": layer.skipped_channel_ratio,
                     "weight_bits": layer.weight_quantizer.bits,
                     "activation_bits": layer.input_quantizer.bits,
                     "numel": numel[n],

@@ -55,7 +55,7 @@ logger = logging.getLogger(__name__)
 
 PACKED_FORMAT = "packed-v1"
 #: Buffers of a quantized layer that only training needs (see `hf_lts.quantization.layers`).
-TRAINING_BUFFERS = ("lts_state", "lts_step", "lts_frozen_steps", "lts_macs")
+TRAINING_BUFFERS = ("lts_state", "lts_step", "lts_frozen_steps", "lts_skipped_steps", "lts_macs")
 _DTYPE_NAMES = {
     torch.float32: "F32",
     torch.float64: "F64",

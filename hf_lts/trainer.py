@@ -31,7 +31,12 @@ from .serialization import training_state
 logger = logging.getLogger(__name__)
 
 #: The statistics logged at every logging step, as ``lts/<name>`` (LTS.md §5).
-LOGGED_STATS = ("frozen_ratio", "weight_updates_saved", "backward_flops_saved")
+LOGGED_STATS = (
+    "frozen_ratio",
+    "weight_updates_saved",
+    "backward_flops_saved",
+    "backward_flops_saved_realised",
+)
 _NORM_LAYERS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
 _QUANTIZERS = (WeightFakeQuantizer, ActivationFakeQuantizer)
 
@@ -130,7 +135,9 @@ class LTSTrainer(Trainer):
     The scratcher (``trainer.scratcher``) is stepped once per optimizer step with ``T = state.max_steps``.
     LSQ step sizes form their own parameter group (``quantizer_learning_rate``, no weight decay); norm
     layers and biases get no weight decay either. ``lts/frozen_ratio``, ``lts/weight_updates_saved`` and
-    ``lts/backward_flops_saved`` are logged at every logging step to every ``report_to`` integration.
+    ``lts/backward_flops_saved`` (the paper's count) and ``lts/backward_flops_saved_realised`` (the
+    weight-gradient work the backward actually skipped) are logged at every logging step to every
+    ``report_to`` integration.
 
     Mixed precision (``bf16``/``fp16``): the fake quantizers always compute in fp32 (they cast their input
     to float), the step sizes and latent weights stay fp32 parameters and the LTS state is an int32 buffer,

@@ -260,3 +260,122 @@ def test_fused_fake_quantization_is_bit_identical_to_eager(per_channel):
         results.append((out.detach(), xg.grad, sg.grad))
     for eager, fused in zip(*results, strict=True):
         assert torch.equal(eager, fused)
+
+
+def _grads(layer, x, forward=None):
+    """Output and every gradient of one forward/backward of ``layer`` on ``x`` (fixed output gradient)."""
+    for p in layer.parameters():
+        p.grad = None
+    xg = x.detach().clone().requires_grad_(x.requires_grad)
+    out = forward(layer, xg) if forward else layer(xg)
+    out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(5)))
+    return {
+        "output": out.detach(),
+        "input": xg.grad,
+        "weight": layer.weight.grad,
+        "input_scale": layer.input_quantizer.scale.grad,
+        "weight_scale": layer.weight_quantizer.scale.grad,
+        "bias": None if layer.bias is None else layer.bias.grad,
+    }
+
+
+def _layer(kind, bits, per_channel, frozen):
+    torch.manual_seed(bits)
+    if kind == "conv":
+        module, x = nn.Conv2d(8, 12, 3, padding=1, stride=2, bias=True), torch.randn(4, 8, 10, 10)
+    elif kind == "depthwise":
+        module, x = nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False), torch.randn(4, 8, 10, 10)
+    else:
+        module, x = nn.Linear(20, 12), torch.randn(6, 20)
+    cls = QuantLinear if kind == "linear" else QuantConv2d
+    layer = cls.from_float(module, bits, bits, per_channel=per_channel)
+    if frozen == "random":
+        layer.freeze_(torch.rand_like(layer.weight) < 0.5)
+    elif frozen == "channels":  # whole channels (skipped weight gradients) and a partly frozen one
+        mask = torch.zeros_like(layer.weight, dtype=torch.bool)
+        mask[::3] = True
+        mask[1] = torch.rand_like(layer.weight[1]) < 0.5
+        layer.freeze_(mask)
+    elif frozen == "all":
+        layer.freeze_(torch.ones_like(layer.weight, dtype=torch.bool))
+    return layer, x
+
+
+@pytest.mark.parametrize("kind", ["conv", "depthwise", "linear"])
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("per_channel", [False, True])
+@pytest.mark.parametrize("signed", [True, False])
+@pytest.mark.parametrize("frozen", ["none", "random", "channels", "all"])
+def test_fused_layer_is_bit_identical_to_the_previous_implementation(kind, bits, per_channel, signed, frozen):
+    """The fused layer (recomputed quantized input, channel-sliced weight gradients) against the
+    implementation before it (tests/lsq_reference.py): the same output and gradients, bit for bit."""
+    from lsq_reference import reference_forward
+
+    layer, x = _layer(kind, bits, per_channel, frozen)
+    x = (x if signed else x.relu()).requires_grad_()
+    fused, reference = _grads(layer, x), _grads(layer, x, reference_forward)
+    if frozen == "all":  # the reference computes the zeros the fused layer skips
+        assert fused["weight"] is None and not reference["weight"].any()
+        assert fused["weight_scale"] is None and not reference["weight_scale"].any()
+        del fused["weight"], reference["weight"], fused["weight_scale"], reference["weight_scale"]
+    for name, value in fused.items():
+        if value is None:
+            assert reference[name] is None, name
+        else:
+            assert torch.equal(value, reference[name]), name
+
+
+@pytest.mark.parametrize("kind", ["conv", "linear"])
+def test_first_layer_input_step_gradient_by_the_adjoint_identity(kind):
+    """Where the input needs no gradient (the pixels), the input step's gradient comes from one forward
+    op instead of the transposed one: equal up to float summation order."""
+    from lsq_reference import reference_forward
+
+    layer, x = _layer(kind, 4, False, "random")
+    fused, reference = _grads(layer, x), _grads(layer, x, reference_forward)
+    assert fused["input"] is None and reference["input"] is None
+    torch.testing.assert_close(fused["input_scale"], reference["input_scale"], rtol=1e-5, atol=1e-7)
+    for name in ("output", "weight", "weight_scale"):
+        assert torch.equal(fused[name], reference[name]), name
+
+
+@pytest.mark.parametrize("frozen", ["random", "channels"])
+def test_compiled_and_eager_layers_are_bit_identical(frozen):
+    layer, x = _layer("conv", 4, True, frozen)
+    results = []
+    for fused in (True, False):
+        layer.weight_quantizer.fused = layer.input_quantizer.fused = fused
+        results.append(_grads(layer, x.relu().requires_grad_()))
+    for name, value in results[0].items():
+        assert torch.equal(value, results[1][name]), name
+
+
+@pytest.mark.parametrize("kind", ["conv", "depthwise", "linear"])
+def test_frozen_channels_skip_their_weight_gradient_work(kind):
+    """The backward computes weight gradients only for channels with a trainable weight: measured with
+    FlopCounterMode, the weight-gradient FLOPs fall by the share of fully frozen channels."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    def backward_flops(layer, x):
+        out = layer(x)
+        with FlopCounterMode(display=False) as counter:
+            out.backward(torch.ones_like(out))
+        return counter.get_total_flops()
+
+    layer, x = _layer(kind, 4, False, "none")
+    x = x.relu().requires_grad_()
+    full = backward_flops(layer, x)
+    x_only = x.detach().requires_grad_()
+    layer.freeze_(torch.ones_like(layer.weight, dtype=torch.bool))
+    input_only = backward_flops(layer, x_only)  # every weight frozen: the input gradient alone
+    assert layer.skipped_channel_ratio == 1.0 and input_only < full
+
+    layer, _ = _layer(kind, 4, False, "channels")  # a third of the channels entirely frozen
+    skipped = layer.skipped_channel_ratio
+    assert skipped == pytest.approx(len(range(0, layer.weight.shape[0], 3)) / layer.weight.shape[0])
+    partial = backward_flops(layer, x.detach().requires_grad_())
+    weight_grad = full - input_only
+    if kind == "depthwise":  # FlopCounterMode counts grouped convolutions by their number of groups
+        assert input_only < partial < full
+    else:
+        assert partial == pytest.approx(input_only + (1 - skipped) * weight_grad, rel=1e-6)

@@ -279,8 +279,10 @@ def test_stats_follow_the_definitions():
     assert stats["backward_flops_saved"] == pytest.approx(flops)
     assert stats["backward_flops_saved"] <= stats["weight_updates_saved"]
     assert stats["state_bytes_per_weight"] == 4.0
+    assert 0 <= stats["backward_flops_saved_realised"] <= stats["backward_flops_saved"]
     assert stats["per_layer"]["classifier.1"] == {
         "frozen_ratio": frozen_per_step[-1]["classifier.1"] / numel["classifier.1"],
+        "skipped_channel_ratio": layers["classifier.1"].skipped_channel_ratio,
         "weight_bits": 8,
         "activation_bits": 8,
         "numel": numel["classifier.1"],
@@ -295,3 +297,76 @@ def test_scratcher_rejects_bad_input():
     model = prepare_model(tiny_resnet(), LTSConfig())
     with pytest.raises(ValueError, match="total_steps=0"):
         LotteryTicketScratcher(model, total_steps=0)
+
+
+def test_realised_saving_counts_the_skipped_channel_work():
+    """Whole frozen channels are skipped work; scattered frozen weights are counted but not realised."""
+    model = prepare_model(tiny_resnet(), LTSConfig(freeze_warmup_ratio=0.5))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    scratcher = LotteryTicketScratcher(model, total_steps=100)
+    layers = quantized_layers(model)
+    train(model, optimizer, scratcher, batches(1, size=16))  # lts_macs from the first batch
+    for layer in layers.values():  # half the channels whole, and a scattered tenth of the rest
+        mask = torch.rand_like(layer.weight) < 0.1
+        mask[: layer.weight.shape[0] // 2] = True
+        layer.freeze_(mask)
+    skipped = {n: layer.skipped_channel_ratio for n, layer in layers.items()}
+    train(model, optimizer, scratcher, batches(3, size=16))
+    stats = scratcher.stats()
+    macs = {n: int(layer.lts_macs) for n, layer in layers.items()}
+    expected = sum(3 * skipped[n] * macs[n] for n in layers) / (2 * sum(macs.values()) * 4)
+    assert stats["backward_flops_saved_realised"] == pytest.approx(expected)
+    assert 0 < stats["backward_flops_saved_realised"] < stats["backward_flops_saved"]
+
+
+@pytest.mark.parametrize("share", [0.5, 0.9])
+def test_channel_completion_freezes_the_rest_of_a_mostly_frozen_channel(share):
+    model, layer = single_layer(
+        [0.02, 0.03, 0.01, 0.45, 2.0, 1.01, 0.48, 3.3],
+        distance_momentum=0.0,
+        freeze_schedule="constant",
+        freeze_threshold=0.05,
+        freeze_warmup_ratio=0.0,
+        channel_completion=share,
+    )
+    scratcher = LotteryTicketScratcher(model, total_steps=10)
+    before = layer.weight.detach().clone()
+    scratcher.step()  # 0.02, 0.03, 0.01, 2.0 and 1.01 (d = 0.01) freeze: 5 of 8 ≥ 0.5, < 0.9
+    completed = share <= 5 / 8
+    assert layer.num_frozen == (8 if completed else 5)
+    assert layer.skipped_channel_ratio == (1.0 if completed else 0.0)
+    # completed weights are frozen at their current level, snapped onto it
+    levels = torch.round(before).clamp(-8, 7)
+    assert torch.equal(layer.weight_levels[0].float(), levels[0])
+    frozen = layer.frozen_mask[0]
+    assert torch.equal(layer.weight.detach()[0][frozen], levels[0][frozen])
+
+
+def test_observed_distance_init_starts_from_the_first_observation():
+    values = [0.3, 1.2, -2.45, 0.0]
+    paper, paper_layer = single_layer(values, distance_momentum=0.99)
+    observed, observed_layer = single_layer(values, distance_momentum=0.99, distance_init="observed")
+    for model in (paper, observed):
+        LotteryTicketScratcher(model, total_steps=10).step()
+    assert torch.allclose(
+        state.distance(paper_layer.lts_state)[0],
+        torch.tensor([1 - 0.01 * (1 - d) for d in (0.3, 0.2, 0.45, 0.0)]),
+        atol=2 * RES,
+    )
+    # "observed": the EMA takes the first distance it sees, then moves at 1 - m as usual
+    assert torch.allclose(
+        state.distance(observed_layer.lts_state)[0], torch.tensor([0.3, 0.2, 0.45, 0.0]), atol=2 * RES
+    )
+
+
+def test_observed_distance_init_freezes_earlier_in_a_short_run():
+    def frozen_after(distance_init):
+        torch.manual_seed(0)
+        config = LTSConfig(distance_init=distance_init, freeze_warmup_ratio=0.2)
+        model = prepare_model(tiny_resnet(), config)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.001)
+        scratcher = LotteryTicketScratcher(model, total_steps=20)
+        train(model, optimizer, scratcher, batches(12, size=16))
+        return scratcher.stats()["frozen_ratio"]
+
+    assert frozen_after("observed") > frozen_after("one") + 0.1

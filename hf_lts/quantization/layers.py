@@ -6,12 +6,21 @@ and keeps, in buffers (so ``state_dict``, checkpoints and DDP carry them):
 - ``lts_state``: the packed per-weight state (level, frozen flag, distance EMA / held latent),
   see `hf_lts.quantization.state`;
 - ``lts_step``: optimizer steps the scratcher has seen; ``lts_frozen_steps``: Σ over those steps of
-  this layer's frozen weights (for "weight updates saved"); ``lts_macs``: forward multiply-accumulates
-  per example, taken from the first training batch (for "backward FLOPs saved").
+  this layer's frozen weights (for "weight updates saved"); ``lts_skipped_steps``: Σ over those steps of
+  the share of output channels whose weight gradient was skipped (for the *realised* backward saving);
+  ``lts_macs``: forward multiply-accumulates per example, taken from the first training batch.
 
-A frozen weight contributes ``q · s`` with ``s`` detached: its gradient is zero and it adds nothing to
-the step's gradient. That is what makes the saving real: a tensor whose weights are all frozen needs no
-weight-gradient computation at all, and autograd skips it.
+Input quantization, weight quantization and the convolution / matmul run as one autograd function
+(`_QuantizedOp`), whose backward does only the work that can still change something:
+
+- the layer's input is the only activation it keeps; the quantized input is recomputed in the backward
+  (memory as in fp32, where the layer keeps its input too);
+- the weight gradient is computed only for output channels that still have a trainable weight (a slice of
+  the output gradient), none for a fully frozen layer; a frozen weight contributes ``q · s`` with ``s``
+  detached, so its gradient is zero and it adds nothing to the step's gradient;
+- the input gradient only where something needs it (not for the first layer's pixels; there the input
+  step's gradient comes from the adjoint identity ``Σ ∂L/∂x̂ ⊙ ∂x̂/∂s = Σ ∂L/∂y ⊙ conv(∂x̂/∂s, ŵ)``, one
+  forward convolution instead of a transposed one).
 """
 
 from __future__ import annotations
@@ -22,28 +31,95 @@ from torch import nn
 from torch.nn import functional as F
 
 from . import state
-from .lsq import SCALE_EPS, ActivationFakeQuantizer, WeightFakeQuantizer, broadcast_scale
-
-
-class _ZeroGrad(torch.autograd.Function):
-    """Identity on a constant tensor that gives ``params`` zero gradients.
-
-    DDP without ``find_unused_parameters`` expects a gradient for every parameter on every step; a
-    fully frozen weight has none, so under ``torch.distributed`` it gets an explicit (cheap) zero.
-    """
-
-    @staticmethod
-    def forward(ctx, out: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
-        ctx.shapes = [(p.shape, p.dtype, p.device) for p in params]
-        return out.view_as(out)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        return (None, *(torch.zeros(s, dtype=d, device=dev) for s, d, dev in ctx.shapes))
+from .lsq import (
+    ActivationFakeQuantizer,
+    WeightFakeQuantizer,
+    broadcast_scale,
+    lsq_backward,
+    lsq_forward,
+    lsq_grad_terms,
+    scale_grad,
+)
 
 
 def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _compute_dtype(device: torch.device) -> torch.dtype:
+    """The dtype autocast would run the convolution / matmul in (float32 outside autocast)."""
+    if torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return torch.float32
+
+
+class _QuantizedOp(torch.autograd.Function):
+    """``op(fake_quant(x), fake_quant(w, frozen held), b)`` with the LSQ and LTS backward described above.
+
+    Four fused kernels per layer and step: the input's and the weight's fake quantization forward, and
+    backward each in one pass that also recomputes the quantized input the weight gradient needs.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, input_scale, weight_scale, layer):
+        aq, wq = layer.input_quantizer, layer.weight_quantizer
+        packed = layer._packed()
+        x_hat = lsq_forward(x.float(), input_scale, aq.qmin, aq.qmax, compiled=aq.fused)
+        w_hat = lsq_forward(weight.float(), weight_scale, wq.qmin, wq.qmax, packed, wq.fused)
+        dtype = _compute_dtype(x.device)
+        if dtype == torch.float32:
+            out = layer._op(x_hat, w_hat, bias)
+        else:  # what autocast would do, explicitly, so that the backward can do the same
+            with torch.autocast(x.device.type, enabled=False):
+                out = layer._op(x_hat.to(dtype), w_hat.to(dtype), None if bias is None else bias.to(dtype))
+        # The weight-sized quantized weight is kept; the activation-sized quantized input is recomputed.
+        ctx.save_for_backward(x, weight, input_scale, weight_scale, packed, w_hat)
+        ctx.layer, ctx.dtype, ctx.active = layer, dtype, layer._active_channels
+        ctx.grad_factor = aq.grad_factor(x)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight, input_scale, weight_scale, packed, w_hat = ctx.saved_tensors
+        layer, dtype, active = ctx.layer, ctx.dtype, ctx.active
+        aq, wq = layer.input_quantizer, layer.weight_quantizer
+        need_x, need_input_scale = ctx.needs_input_grad[0], ctx.needs_input_grad[3]
+        need_weight = (ctx.needs_input_grad[1] or ctx.needs_input_grad[4]) and (
+            active is None or active.numel() > 0
+        )
+        grad_out = grad_out.to(dtype)
+        w_c = w_hat.to(dtype)
+        xf = x.float()
+        grad_x = grad_input_scale = grad_weight = grad_weight_scale = grad_bias = None
+        # ∂L/∂x̂, where something needs it (the first layer's pixels do not: see the adjoint identity below)
+        grad_x_hat = (
+            layer._grad_input(grad_out, x if x.dtype == dtype else x.shape, w_c).float() if need_x else xf
+        )
+        grad_x, dq, x_hat = lsq_grad_terms(xf, input_scale, aq.qmin, aq.qmax, grad_x_hat, compiled=aq.fused)
+        if need_x:
+            grad_x = grad_x.to(x.dtype)
+            if need_input_scale:
+                grad_input_scale = scale_grad(grad_x_hat, dq, ctx.grad_factor)
+        else:
+            grad_x = None
+            if (
+                need_input_scale
+            ):  # Σ ∂L/∂x̂ ⊙ dq = Σ ∂L/∂y ⊙ op(dq, ŵ): a forward op instead of a transposed one
+                y = layer._op(dq.view(x.shape).to(dtype), w_c, None)
+                grad_input_scale = torch.dot(grad_out.float().reshape(-1), y.float().reshape(-1)).reshape(1)
+                grad_input_scale = grad_input_scale * ctx.grad_factor
+        x_c = x_hat.to(dtype)
+        if need_weight:
+            grad_w_hat = layer._grad_weight(grad_out, x_c, w_c, active).float()
+            grad_weight, grad_weight_scale = lsq_backward(
+                weight.float(), weight_scale, wq.qmin, wq.qmax, wq.grad_factor, grad_w_hat, packed, wq.fused
+            )
+            grad_weight = grad_weight.to(weight.dtype)
+        elif _distributed():  # DDP expects a gradient for every parameter on every step: an exact zero
+            grad_weight, grad_weight_scale = torch.zeros_like(weight), torch.zeros_like(weight_scale)
+        if ctx.needs_input_grad[2]:
+            grad_bias = layer._grad_bias(grad_out, x_c, w_c).to(layer.bias.dtype)
+        return grad_x, grad_weight, grad_bias, grad_input_scale, grad_weight_scale, None
 
 
 class QuantLayerMixin:
@@ -59,6 +135,7 @@ class QuantLayerMixin:
         self.register_buffer("lts_state", state.initial_state(levels))
         self.register_buffer("lts_step", torch.zeros((), dtype=torch.int64, device=device))
         self.register_buffer("lts_frozen_steps", torch.zeros((), dtype=torch.float64, device=device))
+        self.register_buffer("lts_skipped_steps", torch.zeros((), dtype=torch.float64, device=device))
         self.register_buffer("lts_macs", torch.zeros((), dtype=torch.int64, device=device))
         self._refresh_cache()
 
@@ -76,9 +153,37 @@ class QuantLayerMixin:
         # Python copies, so the forward pass never reads a device tensor to decide its path.
         self._num_frozen = int(state.frozen(self.lts_state).sum())
         self._macs_known = bool(self.lts_macs > 0)
+        self._refresh_active_channels()
 
-    def _load_from_state_dict(self, *args, **kwargs) -> None:
-        super()._load_from_state_dict(*args, **kwargs)
+    def _refresh_active_channels(self) -> None:
+        """``_active_channels``: the output channels that still have a trainable weight (``None``: all of
+        them), i.e. those whose weight gradient the backward computes."""
+        if self._num_frozen == 0:
+            self._active_channels = None
+            return
+        channels = self.weight.shape[0]
+        trainable = ~state.frozen(self.lts_state).view(channels, -1).all(1)
+        active = trainable.nonzero().flatten()
+        self._active_channels = None if active.numel() == channels else active
+
+    #: Whether the backward skips the weight gradient of single frozen output channels (else only of a
+    #: fully frozen layer).
+    _skips_channels = True
+
+    @property
+    def skipped_channel_ratio(self) -> float:
+        """Share of output channels whose weight-gradient computation the backward skips now."""
+        if self._num_frozen == self.weight.numel():
+            return 1.0
+        if self._active_channels is None or not self._skips_channels:
+            return 0.0
+        return 1.0 - self._active_channels.numel() / self.weight.shape[0]
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, *args) -> None:
+        key = prefix + "lts_skipped_steps"
+        if key not in state_dict:  # a checkpoint from before the realised-saving counter
+            state_dict[key] = torch.zeros((), dtype=torch.float64)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, *args)
         self._refresh_cache()
 
     @property
@@ -107,11 +212,12 @@ class QuantLayerMixin:
     @torch.no_grad()
     def _freeze_at(self, new: torch.Tensor, levels: torch.Tensor) -> None:
         """Freeze ``new`` (trainable weights) at ``levels``: snap the latent value onto the level, once."""
-        scale = broadcast_scale(self.weight_quantizer.scale, self.weight.ndim)
+        scale = broadcast_scale(self.weight_quantizer.scale.detach(), self.weight.ndim)
         packed = state.pack_frozen(levels, levels * scale)
         self.lts_state.copy_(torch.where(new, packed, self.lts_state))
         self.weight.copy_(torch.where(new, state.latent(packed).to(self.weight.dtype), self.weight))
         self._num_frozen += int(new.sum())
+        self._refresh_active_channels()
 
     @torch.no_grad()
     def _restore_frozen(self) -> None:
@@ -121,48 +227,104 @@ class QuantLayerMixin:
             self.weight.copy_(torch.where(self.frozen_mask, held, self.weight))
 
     # -- forward -----------------------------------------------------------------------------------
+    def _packed(self) -> torch.Tensor | None:
+        """The LTS state where some weight is frozen (``None`` saves the kernel the frozen test)."""
+        return self.lts_state if self._num_frozen else None
+
     def quantized_weight(self) -> torch.Tensor:
         """The fake-quantized weight: LSQ for trainable weights, ``q · s`` (no gradient) for frozen ones."""
-        quantizer = self.weight_quantizer
-        if self._num_frozen == 0:
-            return quantizer(self.weight)
-        if self._num_frozen < self.weight.numel():
-            return quantizer(self.weight, self.lts_state)
-        with torch.no_grad():
-            quantizer.scale.clamp_(min=SCALE_EPS)
-        held = state.levels(self.lts_state) * broadcast_scale(quantizer.scale.detach(), self.weight.ndim)
-        return _ZeroGrad.apply(held, self.weight, quantizer.scale) if _distributed() else held
+        return self.weight_quantizer(self.weight, self._packed())
 
-    def _after_forward(self, out: torch.Tensor) -> None:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.input_quantizer.initialize_from(x)
+        quantizers = (self.input_quantizer.scale, self.weight_quantizer.scale)
+        out = _QuantizedOp.apply(x, self.weight, self.bias, *quantizers, self)
         if self.training and not self._macs_known:
             self.lts_macs.fill_(out[0].numel() * self.weight[0].numel())
             self._macs_known = True
+        return out
 
 
 class QuantConv2d(QuantLayerMixin, nn.Conv2d):
-    """`nn.Conv2d` (any ``groups``, depthwise included) with LSQ fake quantization and LTS freezing."""
+    """`nn.Conv2d` (any ``groups``, depthwise included) with LSQ fake quantization and LTS freezing.
+
+    Weight gradients are skipped per output channel for ``groups == 1`` and depthwise convolutions; other
+    grouped convolutions skip them only once the whole layer is frozen.
+    """
 
     @classmethod
     def _empty_like(cls, m: nn.Conv2d) -> QuantConv2d:
+        if m.padding_mode != "zeros" or isinstance(m.padding, str):
+            raise ValueError(
+                f"QuantConv2d supports zero padding given as integers; this Conv2d has padding={m.padding!r}, "
+                f"padding_mode={m.padding_mode!r}: list it in LTSConfig.modules_to_not_convert to keep it fp32."
+            )
         return cls(
             m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding, m.dilation, m.groups,
             m.bias is not None, m.padding_mode, device="meta", dtype=m.weight.dtype,
         )  # fmt: skip
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self._conv_forward(self.input_quantizer(x), self.quantized_weight(), self.bias)
-        self._after_forward(out)
-        return out
+    @property
+    def _skips_channels(self) -> bool:
+        return self.groups == 1 or self.groups == self.in_channels == self.out_channels
+
+    def _op(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+        return F.conv2d(x, w, b, self.stride, self.padding, self.dilation, self.groups)
+
+    def _conv_backward(self, grad_out, x, w, groups, mask):
+        bias_sizes = [grad_out.shape[1]] if mask[2] else None
+        return torch.ops.aten.convolution_backward(
+            grad_out, x, w, bias_sizes, self.stride, self.padding, self.dilation, False, [0, 0], groups, mask
+        )
+
+    def _grad_input(
+        self, grad_out: torch.Tensor, x: torch.Tensor | torch.Size, w: torch.Tensor
+    ) -> torch.Tensor:
+        if isinstance(x, torch.Size):  # only the input's shape is read (as in torch.nn.grad)
+            x = grad_out.new_empty(1).expand(x)
+        return self._conv_backward(grad_out, x, w, self.groups, [True, False, False])[0]
+
+    def _grad_weight(
+        self, grad_out: torch.Tensor, x: torch.Tensor, w: torch.Tensor, active: torch.Tensor | None
+    ) -> torch.Tensor:
+        depthwise = self.groups == self.in_channels == self.out_channels
+        if active is None or not self._skips_channels:
+            return self._conv_backward(grad_out, x, w, self.groups, [False, True, False])[1]
+        grad = torch.zeros_like(w)
+        x_part = x.index_select(1, active) if depthwise else x
+        groups = active.numel() if depthwise else 1
+        part = self._conv_backward(
+            grad_out.index_select(1, active), x_part, w.index_select(0, active), groups, [False, True, False]
+        )[1]
+        return grad.index_copy_(0, active, part)
+
+    def _grad_bias(self, grad_out: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return self._conv_backward(grad_out, x, w, self.groups, [False, False, True])[2]
 
 
 class QuantLinear(QuantLayerMixin, nn.Linear):
-    """`nn.Linear` with LSQ fake quantization and LTS freezing."""
+    """`nn.Linear` with LSQ fake quantization and LTS freezing (weight gradients skipped per output row)."""
 
     @classmethod
     def _empty_like(cls, m: nn.Linear) -> QuantLinear:
         return cls(m.in_features, m.out_features, m.bias is not None, device="meta", dtype=m.weight.dtype)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.linear(self.input_quantizer(x), self.quantized_weight(), self.bias)
-        self._after_forward(out)
-        return out
+    def _op(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+        return F.linear(x, w, b)
+
+    def _grad_input(
+        self, grad_out: torch.Tensor, x: torch.Tensor | torch.Size, w: torch.Tensor
+    ) -> torch.Tensor:
+        return grad_out.matmul(w)
+
+    def _grad_weight(
+        self, grad_out: torch.Tensor, x: torch.Tensor, w: torch.Tensor, active: torch.Tensor | None
+    ) -> torch.Tensor:
+        g2, x2 = grad_out.reshape(-1, grad_out.shape[-1]), x.reshape(-1, x.shape[-1])
+        if active is None:
+            return g2.t().mm(x2)
+        grad = torch.zeros_like(w)
+        return grad.index_copy_(0, active, g2.index_select(1, active).t().mm(x2))
+
+    def _grad_bias(self, grad_out: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return grad_out.reshape(-1, grad_out.shape[-1]).sum(0)

@@ -1,32 +1,72 @@
-"""LSQ fake quantization (Esser et al., 2020) as small composable modules.
+"""LSQ fake quantization (Esser et al., 2020) as small composable modules and two fused kernels.
 
 The straight-through estimator passes the gradient where the *rounded* value lies in ``[Qn, Qp]``, i.e.
 ``v ∈ [Qn - ½, Qp + ½)``, and gives the step ``s`` the LSQ gradient ``(q - v)`` inside that range and
 ``Qn``/``Qp`` outside, scaled by ``grad_factor`` (the semantics of PyTorch's learnable fake-quantize
-kernels, which are scalar loops and several times slower than the vectorised passes used here).
+kernels, which are scalar loops and several times slower than the passes used here).
 `quantize_levels` rounds exactly as the forward pass does (``v = x · (1/s)``, round half to even), so the
 levels the scratcher tracks are the levels the forward pass used.
+
+Memory: nothing but the input is kept for the backward pass. The straight-through mask and ``∂(q·s)/∂s``
+are recomputed from the input there, in the same pass that applies them: the input is alive anyway (the
+preceding ReLU or convolution keeps it), whereas a saved mask and derivative cost 5 bytes per element.
+
+Speed: the forward (`_quantize_math`) and the backward (`_quantize_grad_math`) each run as one
+`torch.compile` kernel where a compiler works (every model size; ``HF_LTS_COMPILE=0`` or a failed compile
+leaves them eager). Both are pure functions of tensors, compiled with dynamic shapes, so that a handful of
+kernels serves every layer, bit width and batch size; compiled and eager give the same bits.
 """
 
 from __future__ import annotations
 
 import functools
 import math
+import os
 import warnings
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from . import state
 
-#: Models with at least this many quantized weights run their fake quantization and the scratcher's
-#: update as fused `torch.compile` kernels: there one pass instead of several saves far more than the
-#: one-off compile costs; small models stay eager (``prepare_model`` decides, see ``fused``).
-COMPILE_MIN_WEIGHTS = 1_000_000
-
 #: Lower bound on a step size: keeps ``1/s`` finite if an optimizer drives ``s`` through zero.
 SCALE_EPS = 1e-8
+
+
+def compile_default() -> bool:
+    """Whether fused kernels are compiled: yes unless ``HF_LTS_COMPILE=0`` (e.g. where no C++ compiler is)."""
+    return os.environ.get("HF_LTS_COMPILE", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+class Kernel:
+    """A pure tensor function run as one `torch.compile` kernel (dynamic shapes), or eagerly.
+
+    Compiling is lazy (the first call) and shared by every caller; if it fails — no compiler on the
+    machine — the kernel warns once and stays eager, with the same results.
+    """
+
+    def __init__(self, fn: Callable[..., object]) -> None:
+        self.fn = fn
+        self._compiled: Callable[..., object] | None | bool = None
+        functools.update_wrapper(self, fn)
+
+    def __call__(self, *args: object, compiled: bool = True) -> object:
+        # Under a dispatch mode (FlopCounterMode, fake tensors, …) Dynamo does not run: eager, this once.
+        if not compiled or self._compiled is False or _get_current_dispatch_mode() is not None:
+            return self.fn(*args)
+        if self._compiled is None:
+            self._compiled = torch.compile(self.fn, dynamic=True, fullgraph=True)
+        try:
+            return self._compiled(*args)
+        except Exception as err:  # a missing or broken compiler shows up at the first call
+            warnings.warn(
+                f"torch.compile of {self.fn.__name__} failed ({err!r}); running it eagerly.", stacklevel=2
+            )
+            self._compiled = False
+            return self.fn(*args)
 
 
 def signed_range(bits: int) -> tuple[int, int]:
@@ -44,94 +84,148 @@ def broadcast_scale(scale: torch.Tensor, ndim: int) -> torch.Tensor:
     return scale.view(-1, *([1] * (ndim - 1)))
 
 
-def _fake_quantize_math(
-    x: torch.Tensor, scale: torch.Tensor, qmin: torch.Tensor, qmax: torch.Tensor, packed: torch.Tensor | None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Output, straight-through mask and ``∂(q·s)/∂s`` of ``[C, K]`` values with ``[C, 1]`` steps.
-
-    A pure function of tensors (the bounds too, so that one compiled kernel serves every bit width):
-    `torch.compile` fuses it into one pass, eagerly it is a few vectorised passes. Both give the same bits.
-    """
-    v = x * torch.reciprocal(scale)
+def _levels(x, scale, qmin, qmax, packed):
+    """``(v, round(v), q, frozen)`` of ``C·K`` flat values with ``C`` steps, frozen values at their level."""
+    channels = scale.shape[0]
+    x = x.view(channels, -1)
+    v = x * torch.reciprocal(torch.clamp(scale, min=SCALE_EPS).view(channels, 1))
     rounded = torch.round(v)
     q = torch.clamp(rounded, qmin, qmax)
-    inside = q == rounded  # round(v) ∈ [Qn, Qp]: the straight-through estimator passes the gradient
+    frozen = None
     if packed is not None:
+        packed = packed.view(channels, -1)
         frozen = (packed & state.FROZEN_BIT) != 0
         q = torch.where(frozen, (packed >> state.LEVEL_SHIFT).to(q.dtype), q)
+    return v, rounded, q, frozen
+
+
+def _quantize_math(x, scale, qmin, qmax, packed=None):
+    """Forward: ``q · s`` (no saved intermediates: the backward recomputes them from ``x``)."""
+    _, _, q, _ = _levels(x, scale, qmin, qmax, packed)
+    return (q * torch.clamp(scale, min=SCALE_EPS).view(-1, 1)).view(-1)
+
+
+def _quantize_grad_math(x, scale, qmin, qmax, grad, packed=None):
+    """Backward, one pass over ``x`` and its output gradient ``grad``: the input gradient (straight-through
+    inside the range, zero for frozen values), ``∂(q·s)/∂s`` per element (``q - v`` inside, ``Qn``/``Qp``
+    outside, zero for frozen values; ``[C, K]``) and the forward's output ``q · s`` again."""
+    v, rounded, q, frozen = _levels(x, scale, qmin, qmax, packed)
+    inside = q == rounded  # round(v) ∈ [Qn, Qp]: the straight-through estimator passes the gradient
+    if frozen is not None:
         inside = inside & ~frozen
-    dq = torch.where(inside, rounded - v, q)  # ∂(q·s)/∂s: q - v inside, Qn or Qp outside
-    if packed is not None:
+    dq = torch.where(inside, rounded - v, q)
+    if frozen is not None:
         dq = dq.masked_fill(frozen, 0.0)
-    return q * scale, inside, dq
+    out = (q * torch.clamp(scale, min=SCALE_EPS).view(-1, 1)).view(-1)
+    return (grad.view(dq.shape) * inside).view(-1), dq, out
 
 
-_compiled_math = None
+def _quantize_frozen_math(x, scale, qmin, qmax, packed):
+    return _quantize_math(x, scale, qmin, qmax, packed)
 
 
-def _math(fused: bool):
-    """`_fake_quantize_math`, compiled once (dynamic shapes) when ``fused``; eager if compiling fails."""
-    global _compiled_math
-    if not fused or _compiled_math is False:
-        return _fake_quantize_math
-    if _compiled_math is None:
-        _compiled_math = torch.compile(_fake_quantize_math, dynamic=True, fullgraph=True)
-    return _compiled_math
+def _quantize_frozen_grad_math(x, scale, qmin, qmax, grad, packed):
+    return _quantize_grad_math(x, scale, qmin, qmax, grad, packed)
+
+
+# One kernel per function and case: Dynamo caches compiled graphs per function, and each case
+# (with or without frozen values; one step or one per channel) is one graph, whatever the shapes.
+_KERNELS = {
+    (grad, frozen): Kernel(fn)
+    for (grad, frozen), fn in {
+        (False, False): _quantize_math,
+        (False, True): _quantize_frozen_math,
+        (True, False): _quantize_grad_math,
+        (True, True): _quantize_frozen_grad_math,
+    }.items()
+}
 
 
 @functools.cache
 def _bounds(qmin: int, qmax: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """``Qn``/``Qp`` as tensors, made once per device rather than copied to it on every call."""
+    """``Qn``/``Qp`` as tensors (one compiled kernel serves every bit width), made once per device."""
     return torch.tensor(float(qmin), device=device), torch.tensor(float(qmax), device=device)
 
 
-class _LSQFakeQuantize(torch.autograd.Function):
-    """LSQ fake quantization with LTS-frozen weights held at their level.
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    """A 1-D, contiguous, non-view tensor without autograd history: the one layout the kernels see, so
+    that Dynamo compiles each of them once rather than per rank, view and ``requires_grad``."""
+    return t.reshape(-1).detach()
 
-    PyTorch's fused learnable fake-quantize kernels are scalar loops (≈ 7 ns per element forward and
-    11 ns backward on the reference CPU); a few vectorised passes — or one compiled kernel — forward and
-    two backward cost a fraction of that. The forward saves what the backward needs — the
-    straight-through mask and ``∂(q·s)/∂s`` — rather than recomputing them from ``x``. With ``packed`` (an
-    LTS state), frozen weights output ``q_frozen · s`` and take no part in either gradient: zero gradient
-    for them, nothing from them in the step's gradient.
-    """
+
+def lsq_forward(
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    qmin: int,
+    qmax: int,
+    packed: torch.Tensor | None = None,
+    compiled: bool = True,
+) -> torch.Tensor:
+    """``clamp(round(x / s), Qn, Qp) · s`` of float ``x`` (no autograd), per tensor (``scale`` of one element)
+    or per channel along dim 0; with an LTS state ``packed``, frozen elements at their held level."""
+    args = (_flat(x), _flat(scale), *_bounds(qmin, qmax, x.device))
+    if packed is not None:
+        args = (*args, _flat(packed))
+    return _KERNELS[False, packed is not None](*args, compiled=compiled).view(x.shape)
+
+
+def lsq_grad_terms(
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    qmin: int,
+    qmax: int,
+    grad: torch.Tensor,
+    packed: torch.Tensor | None = None,
+    compiled: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(grad_x, ∂(q·s)/∂s, q·s)``: the input gradient and the forward's output shaped like ``x``, the
+    derivative as ``[C, K]``."""
+    args = (_flat(x), _flat(scale), *_bounds(qmin, qmax, x.device), _flat(grad))
+    if packed is not None:
+        args = (*args, _flat(packed))
+    grad_x, dq, out = _KERNELS[True, packed is not None](*args, compiled=compiled)
+    return grad_x.view(x.shape), dq, out.view(x.shape)
+
+
+def lsq_backward(
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    qmin: int,
+    qmax: int,
+    grad_factor: float,
+    grad: torch.Tensor,
+    packed: torch.Tensor | None = None,
+    compiled: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The LSQ gradients of `lsq_forward`'s output gradient ``grad``: ``(grad_x, grad_scale)``."""
+    grad_x, dq, _ = lsq_grad_terms(x, scale, qmin, qmax, grad, packed, compiled)
+    return grad_x, scale_grad(grad, dq, grad_factor)
+
+
+def scale_grad(grad: torch.Tensor, dq: torch.Tensor, grad_factor: float) -> torch.Tensor:
+    """LSQ's step gradient ``g · Σ grad ⊙ ∂(q·s)/∂s`` per step (``dq`` as ``[C, K]``)."""
+    grad2d = grad.reshape(dq.shape)
+    if dq.shape[0] == 1:
+        grad_scale = torch.dot(grad2d.reshape(-1), dq.reshape(-1)).reshape(1)
+    else:
+        grad_scale = (grad2d * dq).sum(1)
+    return grad_scale * grad_factor
+
+
+class _LSQFakeQuantize(torch.autograd.Function):
+    """LSQ fake quantization of one tensor with LTS-frozen values held at their level (`fake_quantize`)."""
 
     @staticmethod
-    def forward(ctx, x, scale, qmin, qmax, grad_factor, packed, fused):
-        global _compiled_math
-        channels = scale.numel()
-        args = (
-            x.reshape(channels, -1),
-            scale.view(channels, 1),
-            *_bounds(qmin, qmax, x.device),
-            None if packed is None else packed.view(channels, -1),
-        )
-        try:
-            out, inside, dq = _math(fused)(*args)
-        except Exception as err:  # a missing compiler shows up at the first call
-            if not fused or _compiled_math is False:
-                raise
-            warnings.warn(
-                f"torch.compile of the fake quantization failed ({err!r}); running it eagerly.", stacklevel=2
-            )
-            _compiled_math = False
-            out, inside, dq = _fake_quantize_math(*args)
-        ctx.save_for_backward(inside, dq)
-        ctx.grad_factor, ctx.shape = grad_factor, x.shape
-        return out.view(x.shape)
+    def forward(ctx, x, scale, qmin, qmax, grad_factor, packed, compiled):
+        ctx.save_for_backward(x, scale, packed)
+        ctx.args = (qmin, qmax, grad_factor, compiled)
+        return lsq_forward(x, scale, qmin, qmax, packed, compiled)
 
     @staticmethod
     def backward(ctx, grad):
-        inside, dq = ctx.saved_tensors
-        grad = grad.reshape(inside.shape)
-        grad_x = (grad * inside).view(ctx.shape) if ctx.needs_input_grad[0] else None
-        grad_scale = None
-        if ctx.needs_input_grad[1]:
-            if inside.shape[0] == 1:
-                grad_scale = torch.dot(grad.reshape(-1), dq.reshape(-1)).reshape(1)
-            else:
-                grad_scale = (grad * dq).sum(1)
-            grad_scale = grad_scale * ctx.grad_factor
+        x, scale, packed = ctx.saved_tensors
+        qmin, qmax, grad_factor, compiled = ctx.args
+        grad_x, grad_scale = lsq_backward(x, scale, qmin, qmax, grad_factor, grad, packed, compiled)
         return grad_x, grad_scale, None, None, None, None, None
 
 
@@ -142,11 +236,11 @@ def fake_quantize(
     qmax: int,
     grad_factor: float,
     packed: torch.Tensor | None = None,
-    fused: bool = False,
+    fused: bool = True,
 ) -> torch.Tensor:
     """``clamp(round(x / s), qmin, qmax) · s`` with LSQ gradients, per tensor (``scale`` of one element)
     or per channel along dim 0. With an LTS state ``packed``, its frozen elements are held at their
-    frozen level with no gradient. ``fused`` runs the forward as one `torch.compile` kernel."""
+    frozen level with no gradient. ``fused`` runs forward and backward as compiled kernels."""
     return _LSQFakeQuantize.apply(x.float(), scale, qmin, qmax, grad_factor, packed, fused)
 
 
@@ -155,7 +249,7 @@ def quantize_levels(
     x: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Integer levels ``q`` (as floats) and the unclamped ``v = x / s`` exactly as `fake_quantize` rounds."""
-    v = x * torch.reciprocal(broadcast_scale(scale.detach(), x.ndim))
+    v = x * torch.reciprocal(broadcast_scale(scale.detach().clamp(min=SCALE_EPS), x.ndim))
     return torch.round(v).clamp_(qmin, qmax), v
 
 
@@ -174,15 +268,13 @@ class WeightFakeQuantizer(nn.Module):
         self.per_channel = per_channel
         self.qmin, self.qmax = signed_range(bits)
         self.scale = nn.Parameter(lsq_init_scale(weight, self.qmax, per_channel))
-        self.fused = False  # one compiled kernel instead of a few eager passes (set by prepare_model)
+        self.fused = compile_default()  # compiled kernels instead of eager passes
         per_scale = weight[0].numel() if per_channel else weight.numel()
         self.grad_factor = 1.0 / math.sqrt(per_scale * self.qmax)
 
     def forward(self, weight: torch.Tensor, packed: torch.Tensor | None = None) -> torch.Tensor:
         """Fake-quantized ``weight``; with its LTS state ``packed``, frozen weights are held (see
         `fake_quantize`)."""
-        with torch.no_grad():
-            self.scale.clamp_(min=SCALE_EPS)
         return fake_quantize(weight, self.scale, self.qmin, self.qmax, self.grad_factor, packed, self.fused)
 
     def levels(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -205,7 +297,7 @@ class ActivationFakeQuantizer(nn.Module):
         super().__init__()
         self.bits = bits
         self.scale = nn.Parameter(torch.ones(1))
-        self.fused = False  # one compiled kernel instead of a few eager passes (set by prepare_model)
+        self.fused = compile_default()  # compiled kernels instead of eager passes
         self.register_buffer("signed", torch.zeros((), dtype=torch.bool))
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
         self._sync_flags()
@@ -234,14 +326,18 @@ class ActivationFakeQuantizer(nn.Module):
         self._sync_flags()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.initialize_from(x)
+        return fake_quantize(x, self.scale, self.qmin, self.qmax, self.grad_factor(x), fused=self.fused)
+
+    def initialize_from(self, x: torch.Tensor) -> None:
+        """Initialise sign and step from ``x`` unless done already (the first training batch)."""
         if not self._initialized:
             self._initialize(x)
-        with torch.no_grad():
-            self.scale.clamp_(min=SCALE_EPS)
-        # LSQ: N = features of one example, so the step's gradient does not depend on the batch size
-        # (and hence not on how a global batch is split across processes).
-        grad_factor = 1.0 / math.sqrt(x[0].numel() * self.qmax)
-        return fake_quantize(x, self.scale, self.qmin, self.qmax, grad_factor, fused=self.fused)
+
+    def grad_factor(self, x: torch.Tensor) -> float:
+        """LSQ's ``1/sqrt(N·Qp)`` with N = features of one example, so the step's gradient does not depend
+        on the batch size (and hence not on how a global batch is split across processes)."""
+        return 1.0 / math.sqrt(x[0].numel() * self.qmax)
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, signed={bool(self.signed)}"

@@ -8,7 +8,6 @@ from torch import nn
 
 from ..config import LTSConfig
 from .layers import QuantConv2d, QuantLayerMixin, QuantLinear
-from .lsq import COMPILE_MIN_WEIGHTS
 
 
 def _matches(name: str, pattern: str) -> bool:
@@ -53,7 +52,6 @@ def prepare_model(model: nn.Module, config: LTSConfig) -> nn.Module:
 
     The layers take over the original parameters (an optimizer built afterwards sees the same tensors),
     get LSQ step sizes initialised from the weights, and start their LTS state at the current levels.
-    Models with at least `COMPILE_MIN_WEIGHTS` quantized weights fake-quantize with one compiled kernel.
     Preparing an already prepared model with the same config returns it unchanged. The config is kept
     as ``model.lts_config`` and, for transformers models, as ``model.config.quantization_config``, with the
     LTS quantizer as ``model.hf_quantizer`` so that ``save_pretrained`` writes the packed export.
@@ -87,10 +85,6 @@ def prepare_model(model: nn.Module, config: LTSConfig) -> nn.Module:
         module = getattr(parent, child)
         layer_cls = QuantConv2d if isinstance(module, nn.Conv2d) else QuantLinear
         setattr(parent, child, layer_cls.from_float(module, *bits, per_channel=config.per_channel))
-    layers = quantized_layers(model).values()
-    fused = sum(layer.weight.numel() for layer in layers) >= COMPILE_MIN_WEIGHTS
-    for layer in layers:
-        layer.weight_quantizer.fused = layer.input_quantizer.fused = fused
     model.lts_config = config
     if getattr(model, "config", None) is not None and hasattr(model.config, "to_dict"):
         model.config.quantization_config = config
