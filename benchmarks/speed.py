@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import yaml
 from torch import nn
 from torch.nn import functional as F
 from torch.utils.flop_counter import FlopCounterMode
@@ -288,7 +289,7 @@ def measure_memory(args: argparse.Namespace, model: str, names: list[str], masks
 
 def run_model(args: argparse.Namespace, model: str) -> dict[str, Any]:
     names = args.variants or variant_names(args.quick)
-    lts = LTSConfig(distance_momentum=0.9, freeze_warmup_ratio=0.2)
+    lts = LTSConfig(distance_momentum=0.9, freeze_warmup_ratio=0.2, **dict(args.mask_option))
     t0 = time.perf_counter()
     masks, run_info = real_masks(model, args.image_size, args.batch_size, args.mask_steps, lts)
     run_info["seconds"] = time.perf_counter() - t0
@@ -360,6 +361,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     parser.add_argument("--repeats", type=int, default=None, help="timed steps per variant")
     parser.add_argument("--warmup", type=int, default=2, help="untimed round-robin steps first")
     parser.add_argument("--mask-steps", type=int, default=None, help="steps of the real LTS run")
+    parser.add_argument(
+        "--mask-option",
+        action="append",
+        default=[],
+        type=lambda kv: (kv.split("=", 1)[0], yaml.safe_load(kv.split("=", 1)[1])),
+        help="LTSConfig KEY=VALUE for the real run that makes the lts-real-* masks (e.g. channel_completion=0.9)",
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-memory", dest="memory", action="store_false", help="skip peak-RSS subprocesses")
     parser.add_argument("--memory-variants", nargs="+", default=None, help="peak RSS of these only")

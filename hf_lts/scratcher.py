@@ -90,7 +90,7 @@ def update_layer_state(
     channels = scale.shape[0]
     flat_weight, flat_packed = weight, packed
     weight, packed = weight.view(channels, -1), packed.view(channels, -1)
-    scale = scale.view(channels, 1)
+    scale = torch.clamp(scale, min=SCALE_EPS).view(channels, 1)
     frozen = (packed & state.FROZEN_BIT) != 0
     v = weight.float() * torch.reciprocal(scale)
     q = torch.round(v).clamp_(qmin, qmax)
@@ -155,6 +155,7 @@ class LotteryTicketScratcher:
         # weight._version after our last write, per fully frozen layer: unchanged means no optimizer
         # touched it (its gradient was None), so there is nothing to restore.
         self._restored_version: dict[str, int] = {}
+        self._aliases: dict[str, tuple[torch.Tensor, ...]] = {}
 
     @property
     def step_count(self) -> int:
@@ -182,11 +183,13 @@ class LotteryTicketScratcher:
             if not config.freeze:
                 layer._restore_frozen()
             elif layer.num_frozen < layer.weight.numel():
-                counts.append((layer, self._update(layer, _step_key(t, index), scalars)))
+                counts.append((layer, self._update(name, layer, _step_key(t, index), scalars)))
             elif self._restored_version.get(name) != layer.weight._version:
                 layer._restore_frozen()
                 self._restored_version[name] = layer.weight._version
-            layer.lts_step.fill_(t)
+        torch._foreach_copy_(
+            [layer.lts_step for layer in self.layers.values()], [self._step_tensor(t)] * len(self.layers)
+        )
         if counts:
             for (layer, _), newly in zip(counts, torch.stack([c for _, c in counts]).tolist(), strict=True):
                 if newly:
@@ -194,9 +197,13 @@ class LotteryTicketScratcher:
                     layer._refresh_active_channels()
                     if config.channel_completion is not None:
                         self._complete_channels(layer, config.channel_completion)
-        for layer in self.layers.values():
-            layer.lts_frozen_steps += layer.num_frozen
-            layer.lts_skipped_steps += layer.skipped_channel_ratio
+        layers = list(self.layers.values())  # the counters, as one op each rather than one per layer
+        torch._foreach_add_(
+            [layer.lts_frozen_steps for layer in layers], [layer.num_frozen for layer in layers]
+        )
+        torch._foreach_add_(
+            [layer.lts_skipped_steps for layer in layers], [layer.skipped_channel_ratio for layer in layers]
+        )
 
     @staticmethod
     def _complete_channels(layer: QuantLayerMixin, share: float) -> None:
@@ -210,19 +217,39 @@ class LotteryTicketScratcher:
             new = (complete.unsqueeze(1) & ~frozen).view_as(layer.weight)
             layer._freeze_at(new, state.levels(layer.lts_state))
 
-    def _update(self, layer: QuantLayerMixin, key: int, scalars: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    def _step_tensor(self, t: int) -> torch.Tensor:
+        return torch.tensor(t, dtype=torch.int64, device=next(iter(self.layers.values())).lts_step.device)
+
+    def _flat_args(self, name: str, layer: QuantLayerMixin) -> tuple[torch.Tensor, ...] | None:
+        """Flat, detached aliases of the layer's weight, state and steps (made once: they share storage,
+        so they see every update), or ``None`` for a non-contiguous weight that has none."""
+        cached = self._aliases.get(name)
+        weight, packed, scale = layer.weight, layer.lts_state, layer.weight_quantizer.scale
+        if cached is None or [a.data_ptr() for a in cached] != [
+            weight.data_ptr(),
+            packed.data_ptr(),
+            scale.data_ptr(),
+        ]:
+            if not (weight.is_contiguous() and scale.dtype == torch.float32):
+                return None
+            cached = self._aliases[name] = tuple(
+                t.detach().view(-1).detach() for t in (weight, packed, scale)
+            )
+        return cached
+
+    def _update(
+        self, name: str, layer: QuantLayerMixin, key: int, scalars: tuple[torch.Tensor, ...]
+    ) -> torch.Tensor:
         quantizer = layer.weight_quantizer
+        flat = self._flat_args(name, layer)
         weight = layer.weight.detach()
-        flat = weight.reshape(-1).detach()
-        args = (
-            flat,
-            layer.lts_state.view(-1).detach(),
-            quantizer.scale.detach().clamp(min=SCALE_EPS).float(),
-            key,
-            *scalars,
-            quantizer.qmin,
-            quantizer.qmax,
-        )
+        if flat is None:  # a non-contiguous (or non-fp32-step) layer: flat copies, written back below
+            flat = (
+                weight.reshape(-1).clone(),
+                layer.lts_state.view(-1).detach(),
+                quantizer.scale.detach().float(),
+            )
+        args = (*flat, key, *scalars, quantizer.qmin, quantizer.qmax)
         try:
             newly = self._kernel(*args)
         except Exception as err:  # a missing compiler shows up at the first call
@@ -233,8 +260,8 @@ class LotteryTicketScratcher:
             )
             self._kernel = update_layer_state
             newly = self._kernel(*args)
-        if flat.data_ptr() != weight.data_ptr():  # a non-contiguous weight: reshape copied it
-            weight.copy_(flat.view_as(weight))
+        if flat[0].data_ptr() != weight.data_ptr():
+            weight.copy_(flat[0].view_as(weight))
         return newly
 
     def stats(self) -> dict[str, Any]:

@@ -1,0 +1,161 @@
+"""Whole-run wall time of LTS against plain QAT: the same `LTSTrainer` run, back to back (issue #10).
+
+    python -m benchmarks.timing                                  # every model, the default variants
+    python -m benchmarks.timing --models small-resnet18 --steps 150 --variants qat lts   # a quick look
+    python -m benchmarks.timing --cold                           # each run compiles from scratch
+
+Each run is a fresh process (`--child`) that builds the model, trains it for ``--steps`` optimizer steps
+on Fashion-MNIST (scikit-learn's digits where Fashion-MNIST is not installed) through `LTSTrainer` with the
+accuracy benchmark's fine-tuning hyperparameters, and reports the wall time of ``trainer.train()`` —
+compilation included — with the LTS statistics. ``qat`` is ``LTSConfig(freeze=False)``; ``lts`` is the
+paper's default (linear schedule, warm-up 0.2, momentum 0.99); other variants add `LTSConfig` options.
+The runs follow each other on an otherwise idle machine and the table gives each one's ratio to QAT's.
+With ``--cold`` every run gets an empty inductor cache (what a first run on a new machine pays);
+without it, the first run fills the on-disk cache and the others reuse it, as a user's later runs do.
+
+Models: ``small-resnet18`` and ``small-mobilenet_v2`` are the accuracy benchmark's (28 px, batch 64);
+``resnet18`` is ResNet-18 at full width, 64 px, batch 32.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+MODELS = {  # name → (image size, batch size)
+    "small-resnet18": (28, 64),
+    "small-mobilenet_v2": (28, 64),
+    "resnet18": (64, 32),
+}
+VARIANTS = {
+    "qat": {"freeze": False},
+    "lts": {},
+    "lts-completion": {"channel_completion": 0.9},
+    "lts-completion-observed": {"channel_completion": 0.9, "distance_init": "observed"},
+}
+
+
+def child(args: argparse.Namespace) -> dict[str, Any]:
+    """One training run in this process; returns its record."""
+    from transformers import PrinterCallback
+
+    from benchmarks import accuracy, speed
+    from hf_lts import LTSConfig, LTSTrainer, LTSTrainingArguments
+    from hf_lts.data import FASHION_MNIST_DIR, label_maps, load_image_dataset, prepare_dataset
+
+    torch.set_num_threads(args.threads)
+    image_size, batch_size = MODELS[args.model]
+    fashion = (Path(FASHION_MNIST_DIR) / "train-images-idx3-ubyte.gz").exists()
+    data = load_image_dataset("fashion_mnist", data_dir=FASHION_MNIST_DIR) if fashion else None
+    if data is None:
+        data = load_image_dataset("digits")
+    train = data["train"].select(range(min(len(data["train"]), args.steps * batch_size)))
+    train = prepare_dataset(train, image_size, train=True)
+    num_labels = len(label_maps(data)[0])
+    torch.manual_seed(args.seed)
+    if args.model.startswith("small-"):
+        model = accuracy.build_model(args.model.removeprefix("small-"), num_labels, image_size)
+    else:
+        speed.NUM_LABELS = num_labels
+        model = speed.build_model(args.model, image_size)
+    budget = accuracy.BUDGETS["full"]
+    with tempfile.TemporaryDirectory() as tmp:
+        training_args = accuracy._training_args(LTSTrainingArguments, tmp, budget, args.seed, quantized=True)
+        training_args.max_steps = args.steps
+        training_args.per_device_train_batch_size = batch_size
+        training_args.logging_steps = max(1, args.steps // 10)
+        options = {"weight_bits": args.bits, "activation_bits": args.bits, **VARIANTS[args.variant]}
+        trainer = LTSTrainer(
+            model=model.train(), args=training_args, lts_config=LTSConfig(**options), train_dataset=train
+        )
+        trainer.remove_callback(PrinterCallback)
+        start = time.perf_counter()
+        trainer.train()
+        seconds = time.perf_counter() - start
+    stats = trainer.scratcher.stats()
+    return {
+        "model": args.model,
+        "variant": args.variant,
+        "options": options,
+        "steps": args.steps,
+        "data": "fashion_mnist" if fashion else "digits",
+        "wall_seconds": seconds,
+        "train_loss": next(e["train_loss"] for e in trainer.state.log_history if "train_loss" in e),
+        **{k: stats[k] for k in ("frozen_ratio", "weight_updates_saved", "backward_flops_saved")},
+        "backward_flops_saved_realised": stats["backward_flops_saved_realised"],
+    }
+
+
+def run(args: argparse.Namespace, model: str, variant: str, cache: str | None) -> dict[str, Any]:
+    env = dict(os.environ)
+    if cache is not None:
+        env["TORCHINDUCTOR_CACHE_DIR"] = cache
+    command = [sys.executable, "-m", "benchmarks.timing", "--child", "--model", model, "--variant", variant]
+    command += ["--steps", str(args.steps), "--bits", str(args.bits), "--threads", str(args.threads)]
+    out = subprocess.run(command, env=env, check=True, stdout=subprocess.PIPE, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def markdown(records: list[dict[str, Any]]) -> str:
+    lines = [
+        "| model | variant | wall s | × QAT | frozen | updates saved | bwd saved, counted | bwd saved, realised |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    qat = {r["model"]: r["wall_seconds"] for r in records if r["variant"] == "qat"}
+    for r in records:
+        ratio = r["wall_seconds"] / qat[r["model"]] if r["model"] in qat else float("nan")
+        lines.append(
+            f"| {r['model']} | {r['variant']} | {r['wall_seconds']:.1f} | {ratio:.2f} | {r['frozen_ratio']:.1%} | "
+            f"{r['weight_updates_saved']:.1%} | {r['backward_flops_saved']:.1%} | "
+            f"{r['backward_flops_saved_realised']:.1%} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.timing", description=__doc__.split("\n")[0])
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--steps", type=int, default=600, help="optimizer steps per run")
+    parser.add_argument("--bits", type=int, default=4, help="weight and activation bits")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--cold", action="store_true", help="an empty inductor cache for every run")
+    parser.add_argument("--output", type=Path, help="write the records as JSON here")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--model", help=argparse.SUPPRESS)
+    parser.add_argument("--variant", help=argparse.SUPPRESS)
+    parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        print(json.dumps(child(args)))
+        return 0
+    records = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for model in args.models:
+            for index, variant in enumerate(args.variants):
+                cache = f"{tmp}/{model}-{index}" if args.cold else None
+                records.append(run(args, model, variant, cache))
+                print(json.dumps(records[-1]), flush=True)
+    print(markdown(records))
+    if args.output:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        meta = {
+            "command": "python -m benchmarks.timing " + " ".join(sys.argv[1:] if argv is None else argv),
+            "machine": {"platform": platform.platform(), "torch": torch.__version__, "threads": args.threads},
+        }
+        args.output.write_text(json.dumps({**meta, "records": records}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
