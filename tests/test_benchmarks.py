@@ -46,3 +46,19 @@ def test_speed_harness_quick_run_writes_every_field(tmp_path):
     assert (
         abs(everything["backward_flops_saved_measured"] - everything["backward_flops_saved_counted"]) < 0.01
     )
+
+
+def test_timing_harness_runs_qat_and_lts_back_to_back(tmp_path):
+    """``python -m benchmarks.timing`` on a few steps: one fresh process per run, ratios to QAT's."""
+    from benchmarks import timing
+
+    output = tmp_path / "timing.json"
+    args = ["--models", "small-resnet18", "--variants", "qat", "lts-completion", "--steps", "4"]
+    timing.main([*args, "--threads", "1", "--output", str(output)])
+    result = json.loads(output.read_text())
+    qat, lts = result["records"]
+    assert (qat["variant"], lts["variant"]) == ("qat", "lts-completion") and qat["steps"] == 4
+    assert qat["wall_seconds"] > 0 and lts["wall_seconds"] > 0
+    assert qat["frozen_ratio"] == 0 and lts["options"]["channel_completion"] == 0.9
+    assert 0 <= lts["backward_flops_saved_realised"] <= lts["backward_flops_saved"] + 1e-9
+    assert timing.markdown(result["records"]).count("| small-resnet18 |") == 2
