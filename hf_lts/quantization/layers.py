@@ -87,11 +87,9 @@ class _QuantizedOp(torch.autograd.Function):
         need_weight = (ctx.needs_input_grad[1] or ctx.needs_input_grad[4]) and (
             active is None or active.numel() > 0
         )
-        grad_out = grad_out.to(dtype)
-        w_c = w_hat.to(dtype)
-        xf = x.float()
+        grad_out, w_c, xf = grad_out.to(dtype), w_hat.to(dtype), x.float()
         grad_x = grad_input_scale = grad_weight = grad_weight_scale = grad_bias = None
-        # ∂L/∂x̂, where something needs it (the first layer's pixels do not: see the adjoint identity below)
+        # ∂L/∂x̂ where something needs it; the first layer's pixels do not (adjoint identity below)
         grad_x_hat = (
             layer._grad_input(grad_out, x if x.dtype == dtype else x.shape, w_c).float() if need_x else xf
         )
@@ -100,14 +98,12 @@ class _QuantizedOp(torch.autograd.Function):
             grad_x = grad_x.to(x.dtype)
             if need_input_scale:
                 grad_input_scale = scale_grad(grad_x_hat, dq, ctx.grad_factor)
-        else:
-            grad_x = None
-            if (
-                need_input_scale
-            ):  # Σ ∂L/∂x̂ ⊙ dq = Σ ∂L/∂y ⊙ op(dq, ŵ): a forward op instead of a transposed one
-                y = layer._op(dq.view(x.shape).to(dtype), w_c, None)
-                grad_input_scale = torch.dot(grad_out.float().reshape(-1), y.float().reshape(-1)).reshape(1)
-                grad_input_scale = grad_input_scale * ctx.grad_factor
+        elif need_input_scale:  # Σ ∂L/∂x̂ ⊙ dq = Σ ∂L/∂y ⊙ op(dq, ŵ): a forward op, not a transposed one
+            y = layer._op(dq.view(x.shape).to(dtype), w_c, None)
+            grad_input_scale = torch.dot(grad_out.float().reshape(-1), y.float().reshape(-1)).reshape(1)
+            grad_input_scale = grad_input_scale * ctx.grad_factor
+            grad_x = y = None
+        del grad_x_hat, dq  # activation-sized: free them before the weight gradient's workspace
         x_c = x_hat.to(dtype)
         if need_weight:
             grad_w_hat = layer._grad_weight(grad_out, x_c, w_c, active).float()
