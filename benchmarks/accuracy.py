@@ -170,6 +170,7 @@ def _record(
         "frozen_ratio": float(stats.get("frozen_ratio", 0.0)),
         "weight_updates_saved": float(stats.get("weight_updates_saved", 0.0)),
         "backward_flops_saved": float(stats.get("backward_flops_saved", 0.0)),
+        "backward_flops_saved_realised": float(stats.get("backward_flops_saved_realised", 0.0)),
         "wall_seconds": seconds,
         "train_loss": next(e["train_loss"] for e in trainer.state.log_history if "train_loss" in e),
         "frozen_history": sorted(history.items()),
