@@ -37,6 +37,8 @@ class LTSConfig(QuantizationConfigMixin):
         modules_to_not_convert: module names (or dotted suffixes, or glob patterns) kept in full precision.
     """
 
+    _argument_group_name = "LTS (LTSConfig)"  # the heading of these options in `hf-lts train --help`
+
     quant_method: str = field(default="lts", init=False, repr=False)
     weight_bits: int = 4
     activation_bits: int = 4
