@@ -8,8 +8,13 @@ Without ``--config`` the base is the embedded demo (`DEMO_RECIPE`, also ``recipe
 train`` alone trains a small ResNet with LTS W4A4 on scikit-learn's digits in well under three minutes on
 two CPU cores.
 
-User mistakes (unknown field, bad value, missing recipe, unwritable output folder, dataset without
-image/label columns, …) end with one ``hf-lts <command>: error: …`` line and exit status 2.
+A recipe's ``model_size`` and ``config_overrides`` describe its own ``model_type``; a different
+``--model_type`` on the command line drops them. The model is built after seeding, so the same command gives
+bit-identical weights.
+
+User mistakes (unknown field, a config field the model does not have, bad value, missing recipe,
+unwritable output folder, one that already holds a saved model, dataset without image/label columns, …)
+end with one ``hf-lts <command>: error: …`` line and exit status 2, leaving no new folder behind.
 """
 
 from __future__ import annotations

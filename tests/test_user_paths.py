@@ -120,7 +120,6 @@ def _free_port() -> str:
         return str(s.getsockname()[1])
 
 
-@pytest.mark.slow
 def test_the_same_command_gives_bit_identical_weights_in_two_processes(tmp_path):
     """``torchrun --nproc_per_node 2 -m hf_lts.cli train ...`` twice (gloo on CPU), with full_determinism."""
     for out in ("a", "b"):
