@@ -165,7 +165,7 @@ def _summary(config: LTSConfig, base_model: str | None, datasets: Sequence[str])
     data = f" on {', '.join(datasets)}" if datasets else ""
     return (
         f"A W{config.weight_bits}A{config.activation_bits} image classifier trained{origin}{data} with "
-        "[hf-lts](https://github.com/hf-lts/hf-lts): LSQ quantization-aware training with LTS, the lottery "
+        "hf-lts: LSQ quantization-aware training with LTS, the lottery "
         "ticket scratcher, which freezes each weight once it has settled on its quantization level "
         "([arXiv 2211.08544](https://arxiv.org/abs/2211.08544)). The weights are stored as packed "
         f"{config.weight_bits}-bit integer codes with their step sizes."

@@ -8,15 +8,22 @@ Without ``--config`` the base is the embedded demo (`DEMO_RECIPE`, also ``recipe
 train`` alone trains a small ResNet with LTS W4A4 on scikit-learn's digits in well under three minutes on
 two CPU cores.
 
-User mistakes (unknown field, bad value, missing recipe, unwritable output folder, dataset without
-image/label columns, …) end with one ``hf-lts <command>: error: …`` line and exit status 2.
+A recipe's ``model_size`` and ``config_overrides`` describe its own ``model_type``; a different
+``--model_type`` on the command line drops them. The model is built after seeding, so the same command gives
+bit-identical weights.
+
+User mistakes (unknown field, a config field the model does not have, bad value, missing recipe,
+unwritable output folder, one that already holds a saved model, dataset without image/label columns, …)
+end with one ``hf-lts <command>: error: …`` line and exit status 2, leaving no new folder behind.
 """
 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import os
+import re
 import sys
 import tempfile
 import time
@@ -29,6 +36,7 @@ import torch
 import yaml
 from transformers import HfArgumentParser, PreTrainedModel
 
+from .card import hub_id
 from .config import LTSConfig
 from .trainer import LTSTrainer, LTSTrainingArguments
 
@@ -67,6 +75,8 @@ RESNET_SIZES: dict[str, dict[str, Any]] = {
     "152": {"layer_type": "bottleneck", "depths": [3, 8, 36, 3], "hidden_sizes": [256, 512, 1024, 2048]},
 }
 MODEL_TYPES = ("resnet", "mobilenet_v2")
+#: Recipe fields that describe the recipe's own model_type, dropped when the command line picks another one.
+MODEL_SPECIFIC_FIELDS = ("model_size", "config_overrides")
 
 
 class UsageError(Exception):
@@ -76,6 +86,8 @@ class UsageError(Exception):
 @dataclass
 class ModelArguments:
     """Which model to train: a pretrained one, or one built from a config (random initialisation)."""
+
+    _argument_group_name = "model"  # `HfArgumentParser` puts each dataclass's options under its own heading
 
     model_name_or_path: str | None = field(
         default=None,
@@ -90,16 +102,18 @@ class ModelArguments:
             "choices": MODEL_TYPES,
         },
     )
-    model_size: str = field(
-        default="18",
+    model_size: str | None = field(
+        default=None,
         metadata={
-            "help": f"resnet: one of {list(RESNET_SIZES)}; mobilenet_v2: the width multiplier (1.0, 0.5, …)."
+            "help": f"resnet: one of {list(RESNET_SIZES)} (default 18); mobilenet_v2: the width multiplier "
+            "(default 1.0)."
         },
     )
     config_overrides: str | None = field(
         default=None,
         metadata={
-            "help": 'Config fields to change, as a JSON object (a mapping in YAML), e.g. {"depths": [1, 1]}.'
+            "help": "Fields of the model_type's config to change, as a JSON object (a mapping in YAML), e.g. "
+            '{"depths": [1, 1]}. A recipe\'s model_size and config_overrides apply to its own model_type only.'
         },
     )
     torch_num_threads: int | None = field(
@@ -113,6 +127,8 @@ class ModelArguments:
 @dataclass
 class DataArguments:
     """Which images to train and evaluate on, and how to preprocess them (`hf_lts.data`)."""
+
+    _argument_group_name = "data"
 
     dataset_name: str | None = field(
         default=None,
@@ -196,13 +212,18 @@ def train_parser() -> _Parser:
     parser = _Parser(
         (ModelArguments, DataArguments, LTSConfig, LTSTrainingArguments),
         prog="hf-lts train",
-        description="LTS quantization-aware training. Without --config, the embedded demo recipe is the base.",
+        usage="hf-lts train [--config RECIPE.yaml] [--FIELD VALUE ...]",
+        description="LTS quantization-aware training. Without --config, the embedded demo recipe is the base; "
+        "every option below is also a recipe key, and the command line wins over the recipe.",
         allow_abbrev=False,
     )
     parser.add_argument("--config", help="YAML recipe; command-line options override its values.")
-    for action in parser._actions:  # LTSConfig's optional bit widths: "none" keeps the layer in fp32
-        if action.dest in ("first_layer_bits", "last_layer_bits"):
+    lts_help = _docstring_args(LTSConfig)
+    for action in parser._actions:
+        if action.dest in ("first_layer_bits", "last_layer_bits"):  # "none" keeps the layer in fp32
             action.type = _int_or_none
+        if action.dest in lts_help and not action.help:
+            action.help = lts_help[action.dest].replace("%", "%%")
     return parser
 
 
@@ -213,6 +234,12 @@ def parse_train_args(
     parser = train_parser()
     config_path = _option_value(argv, "--config")
     recipe = dict(DEMO_RECIPE) if config_path is None else load_recipe(config_path)
+    model_type = _option_value(argv, "--model_type")
+    if model_type is not None and model_type != recipe.get("model_type", "resnet"):
+        # The recipe's model shape belongs to its own model_type (ResNet's hidden_sizes mean nothing to a
+        # MobileNetV2, and its model_size "18" would be an 18x width multiplier).
+        for name in MODEL_SPECIFIC_FIELDS:
+            recipe.pop(name, None)
     dests = {action.dest: action for action in parser._actions}
     unknown = sorted(set(recipe) - set(dests) - {"help", "config"})
     if unknown:
@@ -245,24 +272,40 @@ def build_model(args: ModelArguments, id2label: dict[int, str], label2id: dict[s
     overrides = _config_overrides(args.config_overrides)
     if args.model_name_or_path is not None:
         with _user_errors(f"cannot load model {args.model_name_or_path!r}"):
-            config = AutoConfig.from_pretrained(args.model_name_or_path, **labels, **overrides)
+            config, unused = AutoConfig.from_pretrained(
+                args.model_name_or_path, **labels, **overrides, return_unused_kwargs=True
+            )
+            _check_config_fields(type(config), unused)
             return AutoModelForImageClassification.from_pretrained(
                 args.model_name_or_path, config=config, ignore_mismatched_sizes=True
             )
+    if args.model_type == "resnet":
+        size = args.model_size or "18"
+        if size not in RESNET_SIZES:
+            raise UsageError(f"model_size={size!r}: resnet sizes are {list(RESNET_SIZES)}")
+        config_class, fields = ResNetConfig, RESNET_SIZES[size]
+    else:
+        try:
+            fields = {"depth_multiplier": float(args.model_size or "1.0")}
+        except ValueError:
+            raise UsageError(
+                f"model_size={args.model_size!r}: mobilenet_v2 takes a width multiplier"
+            ) from None
+        config_class = MobileNetV2Config
+    _check_config_fields(config_class, overrides)
     with _user_errors("bad model config"):
-        if args.model_type == "resnet":
-            if args.model_size not in RESNET_SIZES:
-                raise UsageError(f"model_size={args.model_size!r}: resnet sizes are {list(RESNET_SIZES)}")
-            config = ResNetConfig(**{**RESNET_SIZES[args.model_size], **labels, **overrides})
-        else:
-            try:
-                multiplier = float(args.model_size)
-            except ValueError:
-                raise UsageError(
-                    f"model_size={args.model_size!r}: mobilenet_v2 takes a width multiplier"
-                ) from None
-            config = MobileNetV2Config(**{"depth_multiplier": multiplier, **labels, **overrides})
+        config = config_class(**{**fields, **labels, **overrides})
         return AutoModelForImageClassification.from_config(config)
+
+
+def _check_config_fields(config_class: type, overrides: dict[str, Any]) -> None:
+    """Refuse config fields the model does not have: `PretrainedConfig` would keep them as inert attributes."""
+    unknown = sorted(set(overrides) - set(config_class().to_dict()))
+    if unknown:
+        raise UsageError(
+            f"config_overrides: {', '.join(unknown)} {'is not a field' if len(unknown) == 1 else 'are not fields'} "
+            f"of {config_class.__name__}: drop {'it' if len(unknown) == 1 else 'them'} or fix the spelling"
+        )
 
 
 def load_model(path: str) -> PreTrainedModel:
@@ -297,12 +340,34 @@ def load_data(args: DataArguments, seed: int) -> Any:
     return data
 
 
-def check_output_dir(output_dir: str) -> None:
-    """Fail before training, not at the first checkpoint, when ``output_dir`` cannot be written."""
+def check_output_dir(output_dir: str, overwrite: bool = True) -> list[Path]:
+    """Fail before training, not at the first checkpoint, when ``output_dir`` cannot be written, or (unless
+    ``overwrite``) when it already holds an export that training would replace.
+
+    Returns the folders it had to create, for `_remove_empty` to take back if the run fails before training.
+    """
+    path = Path(output_dir)
+    if not overwrite and (path / "config.json").exists():
+        raise UsageError(
+            f"output_dir {output_dir!r} already holds a saved model: pass --overwrite_output_dir true to "
+            "replace it, or choose another --output_dir"
+        )
+    created, parent = [], path.absolute()
+    while not parent.exists() and parent != parent.parent:
+        created.append(parent)
+        parent = parent.parent
     with _user_errors(f"output_dir {output_dir!r} is not writable"):
         os.makedirs(output_dir, exist_ok=True)
         with tempfile.TemporaryFile(dir=output_dir):
             pass
+    return created
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """Remove the folders `check_output_dir` created, innermost first, if nothing was written into them."""
+    for folder in folders:
+        with contextlib.suppress(OSError):
+            folder.rmdir()
 
 
 # -- commands --------------------------------------------------------------------------------------------
@@ -310,15 +375,25 @@ def train_command(argv: Sequence[str]) -> int:
     """``hf-lts train``: build, train, evaluate, save, write the model card, print the summary."""
     start = time.perf_counter()
     model_args, data_args, lts_config, training_args = parse_train_args(argv)
-    check_output_dir(training_args.output_dir)
+    overwrite = training_args.overwrite_output_dir or training_args.resume_from_checkpoint is not None
+    created = check_output_dir(training_args.output_dir, overwrite=overwrite)
     if model_args.torch_num_threads is not None:
         torch.set_num_threads(model_args.torch_num_threads)
 
+    from transformers import enable_full_determinism, set_seed
+
     from .data import label_maps, prepare_dataset
 
-    data = load_data(data_args, training_args.seed)
-    id2label, label2id = label_maps(data)
-    model = build_model(model_args, id2label, label2id)
+    try:
+        data = load_data(data_args, training_args.seed)
+        id2label, label2id = label_maps(data)
+        # Seeded before the model is built, so that its initial weights, like everything after, depend on
+        # the seed alone: the same command gives bit-identical weights (the Trainer seeds only later).
+        (enable_full_determinism if training_args.full_determinism else set_seed)(training_args.seed)
+        model = build_model(model_args, id2label, label2id)
+    except UsageError:
+        _remove_empty(created)
+        raise
     image_size = data_args.image_size or 224
     model.config.image_size = image_size  # read back by `hf-lts eval`
     processor = _image_processor(model_args.model_name_or_path)
@@ -363,6 +438,11 @@ def eval_command(argv: Sequence[str]) -> int:
         eval_args, data_args = parser.parse_args_into_dataclasses(argv, look_for_args_file=False)
     if data_args.dataset_name is None:
         raise UsageError("no dataset: pass --dataset (e.g. --dataset digits)")
+    if not os.path.isdir(eval_args.model) and not hub_id(eval_args.model):
+        raise UsageError(
+            f"model {eval_args.model!r}: no such folder (and not a Hub repo id): pass the output_dir of "
+            "hf-lts train / trainer.save_model(), or a Hub id such as user/model"
+        )
     with _user_errors(f"cannot load model {eval_args.model!r}"):
         model = load_model(eval_args.model)
     image_size = data_args.image_size or getattr(model.config, "image_size", None)
@@ -493,6 +573,17 @@ def _option_value(argv: Sequence[str], option: str) -> str | None:
         elif arg.startswith(option + "="):
             value = arg.split("=", 1)[1]
     return value
+
+
+def _docstring_args(cls: type) -> dict[str, str]:
+    """The ``Args:`` entries of a Google-style class docstring, one line each: the option help of ``cls``'s
+    fields, in the very words of its documentation."""
+    doc = inspect.cleandoc(cls.__doc__ or "").split("Args:", 1)[-1]
+    entries: dict[str, str] = {}
+    for names, text in re.findall(r"^\s{4}(\w[\w, ]*):\s(.*?)(?=^\s{4}\w[\w, ]*:\s|\Z)", doc, re.M | re.S):
+        for name in names.split(", "):
+            entries[name] = " ".join(text.replace("``", "").split())
+    return entries
 
 
 def _int_or_none(value: str) -> int | None:

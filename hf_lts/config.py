@@ -44,6 +44,8 @@ class LTSConfig(QuantizationConfigMixin):
             runs) or ``"observed"`` (the first distance observed after that point; LTS.md §7).
     """
 
+    _argument_group_name = "LTS (LTSConfig)"  # the heading of these options in `hf-lts train --help`
+
     quant_method: str = field(default="lts", init=False, repr=False)
     weight_bits: int = 4
     activation_bits: int = 4

@@ -86,11 +86,11 @@ def push_export(
     config, stats = read_export(folder)
     message = commit_message or f"Upload W{config.weight_bits}A{config.activation_bits} LTS model"
     api = HfApi(endpoint=endpoint, token=token)
-    with _upload_errors(folder, repo_id, api.endpoint):
+    with upload_errors(folder, repo_id, api.endpoint):
         repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
     if not (folder / CARD_FILE).exists():
         write_model_card(folder, config, stats, repo_id=repo_id)
-    with _upload_errors(folder, repo_id, api.endpoint):
+    with upload_errors(folder, repo_id, api.endpoint):
         return api.upload_folder(
             repo_id=repo_id,
             folder_path=folder,
@@ -102,12 +102,13 @@ def push_export(
 
 
 @contextmanager
-def _upload_errors(folder: Path, repo_id: str, endpoint: str) -> Iterator[None]:
+def upload_errors(folder: str | os.PathLike, repo_id: str, endpoint: str | None = None) -> Iterator[None]:
     """Turn Hub and network failures into a `HubUploadError` that says where it went wrong and what is safe."""
     try:
         yield
     except (httpx.HTTPError, OSError) as e:
+        where = f" on {endpoint}" if endpoint else ""
         raise HubUploadError(
-            f"Could not upload {folder.name} to {repo_id} on {endpoint}: {e}. The local export is unchanged; "
+            f"Could not upload {Path(folder).name} to {repo_id}{where}: {e}. The local export is unchanged; "
             "run `hf-lts push` again once the Hub is reachable."
         ) from e

@@ -196,6 +196,9 @@ def save_export(model: nn.Module, save_directory: str | os.PathLike, **kwargs: A
             if path.is_file():
                 target = directory / path.relative_to(staging)
                 target.parent.mkdir(parents=True, exist_ok=True)
+                os.chmod(
+                    path, 0o644
+                )  # some writers create 0600 files; a Hub mirror or shared folder reads it
                 os.replace(path, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

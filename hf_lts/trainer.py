@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -21,7 +22,7 @@ from .card import write_model_card
 from .config import LTSConfig
 from .data import collate_fn
 from .distributed import FrozenAwareAllReduceState, register_frozen_aware_hook
-from .hub import push_export
+from .hub import push_export, upload_errors
 from .metrics import compute_metrics as accuracy_metrics
 from .quantization import prepare_model
 from .quantization.lsq import ActivationFakeQuantizer, WeightFakeQuantizer
@@ -52,6 +53,8 @@ class LTSTrainingArguments(TrainingArguments):
     parameter gets a gradient, fully frozen weights included (an explicit zero, see `QuantConv2d`).
     """
 
+    _argument_group_name = "training (transformers' TrainingArguments and the LTS extras)"
+
     quantizer_learning_rate: float | None = field(
         default=None,
         metadata={"help": "Learning rate of the LSQ step sizes (no weight decay). Default: learning_rate."},
@@ -72,6 +75,10 @@ class LTSTrainingArguments(TrainingArguments):
     )
     ddp_find_unused_parameters: bool | None = field(
         default=False, metadata={"help": "DDP find_unused_parameters (every parameter gets a gradient)."}
+    )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "hf-lts train: replace a model already saved in output_dir instead of refusing."},
     )
 
 
@@ -283,9 +290,15 @@ class LTSTrainer(Trainer):
     def export_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """Write the trained model for `from_pretrained`: the single place that decides the final format.
 
-        ``save_pretrained`` of a prepared model writes the packed integer export (`hf_lts.serialization`).
+        ``save_pretrained`` of a prepared model writes the packed export (`hf_lts.serialization`); the model
+        card (with the last evaluation and the frozen-ratio plot) goes with it, whichever entry point saved.
         """
         super().save_model(output_dir, _internal_call=_internal_call)
+        directory = output_dir if output_dir is not None else self.args.output_dir
+        if self.args.should_save:  # safetensors writes 0600 files; a Hub mirror or a shared folder reads them
+            for weights in Path(directory).glob("*.safetensors"):
+                os.chmod(weights, 0o644)
+        self._write_card(directory)
 
     def create_model_card(
         self,
@@ -303,17 +316,36 @@ class LTSTrainer(Trainer):
         bits, freezing schedule, savings, per-layer table, the last evaluation, how to load it.
 
         Same signature as `Trainer.create_model_card` (``push_to_hub`` calls it); ``language``, ``tasks``,
-        ``dataset_tags`` and ``dataset_args`` are accepted for compatibility and not used.
+        ``dataset_tags`` and ``dataset_args`` are accepted for compatibility and not used. `save_model`
+        writes a card without these details by itself.
         """
+        self._write_card(
+            self.args.output_dir,
+            license=license,
+            tags=tags,
+            model_name=model_name,
+            finetuned_from=finetuned_from,
+            dataset=dataset,
+        )
+
+    def _write_card(
+        self,
+        directory: str,
+        license: str | None = None,
+        tags: str | list[str] | None = None,
+        model_name: str | None = None,
+        finetuned_from: str | None = None,
+        dataset: str | list[str] | None = None,
+    ) -> None:
         if not self.is_world_process_zero():
             return
         evals = [e for e in self.state.log_history if "eval_loss" in e or "eval_accuracy" in e]
         model_config = getattr(self.accelerator.unwrap_model(self.model), "config", None)
         write_model_card(
-            self.args.output_dir,
+            directory,
             self.lts_config,
             self.scratcher.stats(),
-            model_name=model_name or os.path.basename(os.path.normpath(self.args.output_dir)),
+            model_name=model_name or os.path.basename(os.path.normpath(directory)),
             repo_id=self.hub_model_id,
             base_model=finetuned_from or getattr(model_config, "name_or_path", None),
             datasets=[dataset] if isinstance(dataset, str) else dataset,
@@ -324,6 +356,11 @@ class LTSTrainer(Trainer):
             tags=[tags] if isinstance(tags, str) else tags or (),
             license=license,
         )
+
+    def init_hf_repo(self, token: str | None = None, private: bool | None = None) -> None:
+        """The Trainer's (creates the Hub repo), with Hub and network failures raised as `HubUploadError`."""
+        with upload_errors(self.args.output_dir, self.args.hub_model_id or "the Hub"):
+            super().init_hf_repo(token=token, private=private)
 
     def push_to_hub(
         self,
@@ -343,11 +380,11 @@ class LTSTrainer(Trainer):
         """
         self.callback_handler.on_push_begin(self.args, self.state, self.control)
         token = token if token is not None else self.args.hub_token
-        if self.hub_model_id is None:
-            self.init_hf_repo(token=token, private=private)
         self.export_model(_internal_call=True)  # every rank (sharded saves gather), no push of its own
         if not self.is_world_process_zero():
             return None
+        if self.hub_model_id is None:  # after the export: a failure here leaves it complete, to push later
+            self.init_hf_repo(token=token, private=private)
         kwargs.setdefault("model_name", self.hub_model_id.split("/")[-1])
         self.create_model_card(**kwargs)
         self._finish_current_push()  # a checkpoint push still running would race with this one
