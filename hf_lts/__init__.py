@@ -1,6 +1,6 @@
 """hf-lts: LTS (the lottery ticket scratcher) quantization-aware training for Hugging Face vision models."""
 
-from . import serialization  # noqa: F401  (registers the "lts" quantizer with transformers for from_pretrained)
+from . import quantizers  # noqa: F401  (registers the "lts" quantizer with transformers for from_pretrained)
 from .config import LTSConfig
 from .quantization import QuantConv2d, QuantLinear, prepare_model
 from .scratcher import LotteryTicketScratcher

@@ -269,7 +269,7 @@ def load_model(path: str) -> PreTrainedModel:
     """Load a model saved by `LTSTrainer` — the packed export or a training checkpoint — for evaluation.
 
     `from_pretrained` does it all through the ``"lts"`` quantizer that importing hf_lts registers
-    (`hf_lts.serialization`); this is the one place the CLI loads models, should that ever change.
+    (`hf_lts.quantizers`); this is the one place the CLI loads models, should that ever change.
     """
     from transformers import AutoModelForImageClassification
 

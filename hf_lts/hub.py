@@ -19,7 +19,7 @@ from safetensors import SafetensorError, safe_open
 
 from .card import CARD_FILE, write_model_card
 from .config import LTSConfig
-from .serialization import PACKED_FORMAT
+from .export.packed import PACKED_FORMAT
 
 #: Never uploaded from an export folder: training checkpoints, temporary files of atomic writes, and the
 #: pickled training arguments (local paths, possibly a Hub token).

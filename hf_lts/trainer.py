@@ -25,8 +25,8 @@ from .hub import push_export
 from .metrics import compute_metrics as accuracy_metrics
 from .quantization import prepare_model
 from .quantization.lsq import ActivationFakeQuantizer, WeightFakeQuantizer
+from .quantizers import training_state
 from .scratcher import LotteryTicketScratcher
-from .serialization import training_state
 
 logger = logging.getLogger(__name__)
 
@@ -276,7 +276,7 @@ class LTSTrainer(Trainer):
     def export_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """Write the trained model for `from_pretrained`: the single place that decides the final format.
 
-        ``save_pretrained`` of a prepared model writes the packed integer export (`hf_lts.serialization`).
+        ``save_pretrained`` of a prepared model writes the packed integer export (`hf_lts.export.packed`).
         """
         super().save_model(output_dir, _internal_call=_internal_call)
 

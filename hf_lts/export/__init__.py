@@ -1,0 +1,2 @@
+"""Deployable formats of a prepared LTS model: the packed safetensors codes (`packed`), which
+``from_pretrained`` loads back, and ONNX QDQ (`onnx`), which inference runtimes run."""
