@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -21,6 +22,8 @@ from .card import write_model_card
 from .config import LTSConfig
 from .data import collate_fn
 from .distributed import FrozenAwareAllReduceState, register_frozen_aware_hook
+from .export import ONNX_FILE
+from .export.onnx import refresh_onnx
 from .hub import push_export
 from .metrics import compute_metrics as accuracy_metrics
 from .quantization import prepare_model
@@ -276,9 +279,15 @@ class LTSTrainer(Trainer):
     def export_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """Write the trained model for `from_pretrained`: the single place that decides the final format.
 
-        ``save_pretrained`` of a prepared model writes the packed integer export (`hf_lts.export.packed`).
+        ``save_pretrained`` of a prepared model writes the packed integer export (`hf_lts.export.packed`). A
+        ``model.onnx`` already in the folder (`hf_lts.export_onnx`) is exported again from the same model
+        with its input shape and opset, so that it never lags behind the packed weights beside it
+        (``push_to_hub`` uploads both).
         """
         super().save_model(output_dir, _internal_call=_internal_call)
+        onnx_file = Path(output_dir or self.args.output_dir) / ONNX_FILE
+        if self.is_world_process_zero() and onnx_file.exists():
+            refresh_onnx(self.accelerator.unwrap_model(self.model), onnx_file)
 
     def create_model_card(
         self,

@@ -33,9 +33,9 @@ from torch import nn
 
 from ..quantization.layers import QuantLayerMixin
 from ..quantization.lsq import broadcast_scale, signed_range, unsigned_range
+from . import ONNX_FILE
 from .packed import checked_layers, export_levels, step_size
 
-ONNX_FILE = "model.onnx"
 #: Q/DQ of int4/uint4 came with opset 21, of int2/uint2 with opset 25 (ONNX Runtime runs both).
 INT4_OPSET, INT2_OPSET = 21, 25
 #: The oldest opset ``torch.onnx.export`` writes, and the newest it writes directly (newer: converted).
@@ -93,7 +93,7 @@ def _(levels: torch.Tensor, scale: torch.Tensor, width: int, signed: bool) -> to
 def _translations() -> dict:
     """ONNX translations of the two custom ops (onnxscript, traced by the exporter)."""
     import numpy as np
-    import onnx_ir as ir
+    from onnxscript import ir
     from onnxscript import opset21 as op
 
     def quantize_dequantize_onnx(x, scale, qmin: int, qmax: int, width: int):
@@ -196,7 +196,8 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent), child, module)
 
 
-def _require_onnx() -> Any:
+def require_onnx() -> Any:
+    """The ``onnx`` module, or an `ImportError` that says how to install the ``[onnx]`` extra."""
     try:
         import onnx
         import onnxscript  # noqa: F401
@@ -250,7 +251,7 @@ def export_onnx(
     (int2), else 21. The file is checked with ``onnx.checker`` and written atomically.
     """
     layers = checked_layers(model)
-    onnx = _require_onnx()
+    onnx = require_onnx()
     for name, layer in layers.items():
         if not bool(layer.input_quantizer.initialized):
             raise ValueError(
@@ -270,7 +271,7 @@ def export_onnx(
         ["pixel_values"] if len(example_inputs) == 1 else [f"input_{i}" for i in range(len(example_inputs))]
     )
     program = torch.onnx.export(
-        _Logits(inference),
+        _Logits(inference).eval(),
         example_inputs,
         dynamo=True,
         opset_version=min(opset, EXPORTER_MAX_OPSET),
@@ -299,3 +300,16 @@ def export_onnx(
         if os.path.exists(staging):
             os.remove(staging)
     return target
+
+
+def refresh_onnx(model: nn.Module, path: str | os.PathLike) -> Path:
+    """Export ``model`` again over the ONNX file at ``path``, with that file's input shapes and opset: so
+    that a ``model.onnx`` never lags behind the packed weights saved beside it."""
+    onnx = require_onnx()
+    previous = onnx.load(path, load_external_data=False)
+    example = tuple(
+        torch.zeros([2, *(d.dim_value or 1 for d in i.type.tensor_type.shape.dim[1:])])
+        for i in previous.graph.input
+    )
+    opset = next(o.version for o in previous.opset_import if o.domain in ("", "ai.onnx"))
+    return export_onnx(model, path, example_inputs=example, opset=opset)
