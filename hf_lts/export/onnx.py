@@ -215,9 +215,10 @@ def _default_inputs(model: nn.Module) -> tuple[torch.Tensor, ...]:
     return (torch.zeros(2, channels, size, size),)
 
 
-def _fold_casts(proto: Any) -> None:
+def _finalize(proto: Any) -> None:
     """Turn every ``Cast`` of an integer initializer (the levels, int8 in PyTorch) into an initializer of
-    the cast's type, so the file stores int4/int2 weights, not int8 ones and a Cast."""
+    the cast's type, so the file stores int4/int2 weights, not int8 ones and a Cast; drop the exporter's
+    per-node metadata (stack traces with local paths, most of the file's bytes)."""
     from onnx import helper, numpy_helper
 
     graph = proto.graph
@@ -231,6 +232,18 @@ def _fold_casts(proto: Any) -> None:
             helper.make_tensor(node.output[0], to, source.shape, source.astype("int64").ravel().tolist())
         )
         graph.node.remove(node)
+    # The exporter's debugging metadata: stack traces with local paths, most of a small model's bytes.
+    for item in (
+        proto,
+        graph,
+        *graph.node,
+        *graph.value_info,
+        *graph.initializer,
+        *graph.input,
+        *graph.output,
+    ):
+        del item.metadata_props[:]
+        item.doc_string = ""
     used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
     for init in list(graph.initializer):
         if init.name not in used:
@@ -282,7 +295,7 @@ def export_onnx(
         verbose=False,
     )
     proto = program.model_proto
-    _fold_casts(proto)
+    _finalize(proto)
     if opset > EXPORTER_MAX_OPSET:
         proto = onnx.version_converter.convert_version(proto, opset)
     proto.producer_name = "hf-lts"
