@@ -22,8 +22,12 @@ so batch norms stay separate from the dequantized weights. Needs the ``[onnx]`` 
 from __future__ import annotations
 
 import copy
+import logging
 import os
 import tempfile
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -206,6 +210,21 @@ def require_onnx() -> Any:
     return onnx
 
 
+@contextmanager
+def _quiet_exporter() -> Iterator[None]:
+    """Silence what ``torch.onnx.export`` says about things that do not concern this export: the
+    torchvision ops it cannot register (hf-lts does not use torchvision) and a deprecation inside torch."""
+    registration = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = registration.level
+    registration.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r".*LeafSpec", category=FutureWarning)
+            yield
+    finally:
+        registration.setLevel(level)
+
+
 def _default_inputs(model: nn.Module) -> tuple[torch.Tensor, ...]:
     """Two images of the size the config names (224 when it names none): batch 2 keeps the batch
     dimension symbolic in the traced graph."""
@@ -283,17 +302,18 @@ def export_onnx(
     names = (
         ["pixel_values"] if len(example_inputs) == 1 else [f"input_{i}" for i in range(len(example_inputs))]
     )
-    program = torch.onnx.export(
-        _Logits(inference).eval(),
-        example_inputs,
-        dynamo=True,
-        opset_version=min(opset, EXPORTER_MAX_OPSET),
-        input_names=names,
-        output_names=["logits"],
-        dynamic_shapes=(tuple({0: torch.export.Dim.DYNAMIC} for _ in example_inputs),),
-        custom_translation_table=_translations(),
-        verbose=False,
-    )
+    with _quiet_exporter():
+        program = torch.onnx.export(
+            _Logits(inference).eval(),
+            example_inputs,
+            dynamo=True,
+            opset_version=min(opset, EXPORTER_MAX_OPSET),
+            input_names=names,
+            output_names=["logits"],
+            dynamic_shapes=(tuple({0: torch.export.Dim.DYNAMIC} for _ in example_inputs),),
+            custom_translation_table=_translations(),
+            verbose=False,
+        )
     proto = program.model_proto
     _finalize(proto)
     if opset > EXPORTER_MAX_OPSET:
