@@ -3,8 +3,7 @@
     python -m benchmarks.onnx                  # digits demo model + Fashion-MNIST models, writes the results
     python -m benchmarks.onnx --quick          # seconds: digits only, few steps, no README update
 
-For each model and bit width: LTS training from scratch in a plain loop (`prepare_model`, SGD, the
-scratcher), then `hf_lts.export_onnx`, and on the whole test set (digits: the 360 validation images of the
+For each model and bit width: LTS training from scratch (`LTSTrainer`, SGD, cosine schedule), then `hf_lts.export_onnx`, and on the whole test set (digits: the 360 validation images of the
 demo's split; Fashion-MNIST: the 10,000 test images, the accuracy benchmark's test set at its 28×28 size)
 PyTorch's top-1, ONNX Runtime's top-1, the share of images where both predict the same class and the
 largest |logit difference|. Sizes: the QDQ ``model.onnx``, an fp32 ONNX export of the same architecture
@@ -34,8 +33,8 @@ import torch
 from safetensors.torch import save_file
 from transformers import ResNetConfig, ResNetForImageClassification
 
-from hf_lts import LotteryTicketScratcher, LTSConfig, export_onnx, prepare_model
-from hf_lts.data import collate_fn, load_image_dataset, prepare_dataset
+from hf_lts import LTSConfig, LTSTrainer, LTSTrainingArguments, export_onnx, prepare_model
+from hf_lts.data import load_image_dataset, prepare_dataset
 from hf_lts.export.packed import save_export
 
 from .accuracy import build_model
@@ -64,27 +63,29 @@ class Logits(torch.nn.Module):
         return self.model(pixel_values=pixel_values).logits
 
 
-def train(model: torch.nn.Module, data: Any, steps: int, batch_size: int, lr: float, seed: int) -> None:
-    """LTS training in a plain loop: SGD with momentum and a cosine schedule, the scratcher after each step."""
-    generator = torch.Generator().manual_seed(seed)
-    loader = torch.utils.data.DataLoader(
-        data, batch_size, shuffle=True, collate_fn=collate_fn, generator=generator
+def train(
+    model: torch.nn.Module, data: Any, steps: int, batch_size: int, lr: float, seed: int, work: Path
+) -> None:
+    """LTS training with `LTSTrainer` and its defaults (step sizes in their own group, no weight decay on
+    them; the scratcher after each optimizer step): SGD momentum 0.9, cosine schedule."""
+    args = LTSTrainingArguments(
+        str(work / "run"),
+        max_steps=steps,
+        per_device_train_batch_size=batch_size,
+        learning_rate=lr,
+        weight_decay=5e-5,
+        optim="sgd",
+        optim_args="momentum=0.9",
+        lr_scheduler_type="cosine",
+        save_strategy="no",
+        logging_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        dataloader_pin_memory=False,
+        disable_tqdm=True,
+        seed=seed,
     )
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-5)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
-    scratcher = LotteryTicketScratcher(model, total_steps=steps)
-    model.train()
-    step = 0
-    while step < steps:
-        for batch in loader:
-            model(**batch).loss.backward()
-            optimizer.step()
-            optimizer.zero_grad()
-            schedule.step()
-            scratcher.step()
-            step += 1
-            if step == steps:
-                break
+    LTSTrainer(model=model, args=args, train_dataset=data).train()
     model.eval()
 
 
@@ -110,7 +111,7 @@ def measure(
     float_model = build(num_labels).eval()
     model = prepare_model(copy.deepcopy(float_model), LTSConfig(weight_bits=bits, activation_bits=bits))
     start = time.perf_counter()
-    train(model, train_set, args.steps, args.batch_size, args.lr, args.seed)
+    train(model, train_set, args.steps, args.batch_size, args.lr, args.seed, work)
     train_s = time.perf_counter() - start
     pixels = test["pixel_values"]
     folder = work / f"{name}-w{bits}a{bits}"
