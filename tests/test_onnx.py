@@ -137,14 +137,19 @@ def check_case(case: tuple[str, int, int, bool], tmp_path: Path) -> None:
 
 
 def test_bit_widths_without_their_own_type_are_clipped_to_the_trained_range(tmp_path):
-    """3-bit inputs in uint4/int4 and 5-bit in uint8 (opset 21), 2-bit in int4 at opset 23."""
-    model = trained(tiny_resnet, LTSConfig(weight_bits=3, activation_bits=5, last_layer_bits=2))
+    """3-bit weights in int4, 5-bit inputs in uint8/int8, 2-bit in int4 at opset 23; a first layer kept in
+    fp32 stays a float convolution."""
+    config = LTSConfig(weight_bits=3, activation_bits=5, first_layer_bits=None, last_layer_bits=2)
+    model = trained(tiny_resnet, config)
     pixels = torch.randn(9, 3, 32, 32, generator=torch.Generator().manual_seed(2))
     path = export_onnx(model, tmp_path / "w3a5.onnx", example_inputs=pixels[:2], opset=23)
     proto = onnx.load(path)
     assert proto.opset_import[0].version == 23
-    assert {_TYPE_NAMES.get(t.data_type) for t in weight_initializers(proto)} == {"int4", "int8"}
-    assert sum(n.op_type == "Clip" for n in proto.graph.node) >= len(quantized_layers(model)) - 1
+    layers = quantized_layers(model)
+    assert "resnet.embedder.embedder.convolution" not in layers
+    assert [_TYPE_NAMES.get(t.data_type) for t in weight_initializers(proto)] == ["int4"] * len(layers)
+    assert sum(n.op_type == "QuantizeLinear" for n in proto.graph.node) == len(layers)
+    assert sum(n.op_type == "Clip" for n in proto.graph.node) >= len(layers)
     check_agreement(model, path, pixels)
 
 

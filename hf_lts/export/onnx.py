@@ -83,14 +83,14 @@ def _(x: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int, width: int) ->
 
 
 @torch.library.custom_op("hf_lts::dequantize", mutates_args=())
-def dequantize(levels: torch.Tensor, scale: torch.Tensor, width: int, signed: bool) -> torch.Tensor:
-    """``q · s`` of ``int8``-held levels (per-tensor ``[]`` or per-output-channel ``[C]`` step); in ONNX,
-    a DequantizeLinear of a ``width``-bit integer initializer."""
+def dequantize(levels: torch.Tensor, scale: torch.Tensor, width: int) -> torch.Tensor:
+    """``q · s`` of ``int8``-held signed levels (per-tensor ``[]`` or per-output-channel ``[C]`` step); in
+    ONNX, a DequantizeLinear of a signed ``width``-bit integer initializer."""
     return levels.float() * broadcast_scale(scale.reshape(-1), levels.ndim)
 
 
 @dequantize.register_fake
-def _(levels: torch.Tensor, scale: torch.Tensor, width: int, signed: bool) -> torch.Tensor:
+def _(levels: torch.Tensor, scale: torch.Tensor, width: int) -> torch.Tensor:
     return torch.empty(levels.shape, dtype=torch.float32, device=levels.device)
 
 
@@ -114,9 +114,8 @@ def _translations() -> dict:
         to = _TYPES[("int" if qmin < 0 else "uint", width)]
         return op.DequantizeLinear(op.QuantizeLinear(x, scale, output_dtype=to), scale)
 
-    def dequantize_onnx(levels, scale, width: int, signed: bool):
-        to = _TYPES[("int" if signed else "uint", width)]
-        return op.DequantizeLinear(op.Cast(levels, to=to), scale, axis=0)
+    def dequantize_onnx(levels, scale, width: int):
+        return op.DequantizeLinear(op.Cast(levels, to=_TYPES[("int", width)]), scale, axis=0)
 
     return {
         torch.ops.hf_lts.quantize_dequantize.default: quantize_dequantize_onnx,
@@ -144,7 +143,7 @@ class _QDQMixin:
         x = torch.ops.hf_lts.quantize_dequantize(
             x.float(), self.input_scale, *self.input_range, self.input_width
         )
-        return x, torch.ops.hf_lts.dequantize(self.levels, self.weight_scale, self.weight_width, True)
+        return x, torch.ops.hf_lts.dequantize(self.levels, self.weight_scale, self.weight_width)
 
 
 class _QDQConv2d(_QDQMixin, nn.Conv2d):
