@@ -287,3 +287,12 @@ def test_card_deploy_section(tmp_path):
     card = build_model_card(LTSConfig(), {}, repo_id="me/m", onnx=True)
     assert card.text.count("## Deploy") == 1
     assert "## Deploy" not in build_model_card(LTSConfig(), {}, repo_id="me/m").text
+
+
+@pytest.mark.slow
+def test_benchmark_quick_mode_runs(capsys):
+    from benchmarks.onnx import main
+
+    assert main(["--quick"]) == 0
+    row = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| demo-resnet")]
+    assert len(row) == 1 and "| 100.00% |" in row[0]
