@@ -22,6 +22,7 @@ from hf_lts.export.onnx import integer_type
 from hf_lts.export.packed import export_levels, save_export
 from hf_lts.hub import push_export
 from hf_lts.quantization import quantized_layers
+from hf_lts.quantizers import training_state
 
 BUILDERS = {"resnet": tiny_resnet, "mobilenet": tiny_mobilenet}
 _TYPE_NAMES = {onnx.TensorProto.DataType.Value(n.upper()): n for n in ("int2", "int4", "int8")}
@@ -160,19 +161,23 @@ def test_digits_top1_equals_pytorch(tmp_path):
     data = load_image_dataset("digits", seed=0)
     train = prepare_dataset(data["train"], 32, train=False)[:]
     val = prepare_dataset(data["validation"], 32, train=False)[:]
-    model = prepare_model(tiny_resnet(num_labels=10), LTSConfig(weight_bits=4, activation_bits=4))
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    steps = 60
-    scratcher = LotteryTicketScratcher(model, total_steps=steps)
     generator = torch.Generator().manual_seed(0)
-    model.train()
-    for _ in range(steps):
-        batch = torch.randint(0, len(train["labels"]), (32,), generator=generator)
-        loss = model(pixel_values=train["pixel_values"][batch], labels=train["labels"][batch]).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        scratcher.step()
+
+    def fit(model, steps: int, lr: float, scratcher=None) -> None:
+        optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+        model.train()
+        for _ in range(steps):
+            batch = torch.randint(0, len(train["labels"]), (32,), generator=generator)
+            model(pixel_values=train["pixel_values"][batch], labels=train["labels"][batch]).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            if scratcher is not None:
+                scratcher.step()
+
+    model = tiny_resnet(num_labels=10)
+    fit(model, 60, 0.1)  # fp32, then LTS W4A4 fine-tuning, as in practice
+    model = prepare_model(model, LTSConfig(weight_bits=4, activation_bits=4))
+    fit(model, 30, 0.01, LotteryTicketScratcher(model, total_steps=30))
     model.eval()
     path = export_onnx(model, tmp_path, example_inputs=val["pixel_values"][:2])
     with torch.no_grad():
@@ -180,7 +185,7 @@ def test_digits_top1_equals_pytorch(tmp_path):
     got = run_onnx(path, val["pixel_values"])
     labels = val["labels"].numpy()
     top1_torch = (expected.argmax(1) == labels).mean()
-    assert top1_torch > 0.5  # it learned something
+    assert top1_torch > 0.3  # it learned something (chance: 0.1)
     assert (got.argmax(1) == labels).mean() == top1_torch
     assert (got.argmax(1) == expected.argmax(1)).mean() >= 0.999
     print(f"digits: top-1 {top1_torch:.4f}, max |logit diff| {np.abs(got - expected).max():.2e}")
@@ -235,6 +240,15 @@ def test_cli_export_from_a_folder_and_from_the_hub_then_push(hub_server: HubServ
     assert {"config.json", "model.safetensors", "model.onnx"} <= {p.name for p in out.iterdir()}
     loaded = AutoModelForImageClassification.from_pretrained(out)
     check_agreement(loaded.eval(), out / "model.onnx", pixels)
+
+    # From a training checkpoint (full state): model.onnx is written into it, nothing else is touched.
+    with training_state(model):
+        model.save_pretrained(tmp_path / "checkpoint-3")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "checkpoint-3").iterdir()}
+    assert cli_main(["export", "--format", "onnx", str(tmp_path / "checkpoint-3"), "--image-size", "32"]) == 0
+    after = {p.name: p.read_bytes() for p in (tmp_path / "checkpoint-3").iterdir()}
+    assert after.pop("model.onnx") and after == before
+    check_agreement(model, tmp_path / "checkpoint-3" / "model.onnx", pixels)
 
     capsys.readouterr()
     assert cli_main(["export", "--format", "onnx", str(tmp_path / "missing")]) == 2
