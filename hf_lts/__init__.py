@@ -1,7 +1,8 @@
 """hf-lts: LTS (the lottery ticket scratcher) quantization-aware training for Hugging Face vision models."""
 
-from . import serialization  # noqa: F401  (registers the "lts" quantizer with transformers for from_pretrained)
+from . import quantizers  # noqa: F401  (registers the "lts" quantizer with transformers for from_pretrained)
 from .config import LTSConfig
+from .export.onnx import export_onnx
 from .quantization import QuantConv2d, QuantLinear, prepare_model
 from .scratcher import LotteryTicketScratcher
 from .trainer import LTSTrainer, LTSTrainingArguments
@@ -15,5 +16,6 @@ __all__ = [
     "LotteryTicketScratcher",
     "QuantConv2d",
     "QuantLinear",
+    "export_onnx",
     "prepare_model",
 ]

@@ -16,6 +16,7 @@ from typing import Any
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from .config import LTSConfig
+from .export import ONNX_FILE
 
 PLOT_FILE = "frozen_ratio.png"
 CARD_FILE = "README.md"
@@ -52,6 +53,7 @@ def build_model_card(
     history: Sequence[tuple[int, float]] | None = None,
     tags: Sequence[str] = (),
     license: str | None = None,
+    onnx: bool = False,
 ) -> ModelCard:
     """The card of an LTS export.
 
@@ -65,6 +67,7 @@ def build_model_card(
         eval_results: Trainer metrics; ``eval_accuracy`` and ``eval_top5_accuracy`` go into ``model-index``.
         history: ``(step, frozen_ratio)`` over training; the card then embeds `PLOT_FILE` (write it with
             `plot_frozen_ratio`, or use `write_model_card`, which does both).
+        onnx: the export has an ONNX QDQ `ONNX_FILE` (``hf_lts.export_onnx``): adds the "Deploy" section.
     """
     repo_id, base_model = hub_id(repo_id), hub_id(base_model)
     datasets = [d for d in (hub_id(d) for d in datasets or ()) if d]
@@ -107,6 +110,7 @@ def build_model_card(
         ),
         "## Per-layer details\n\n" + _layer_table(stats),
         "## How to use\n\n" + _usage(repo_id),
+        *([deploy_section(repo_id)] if onnx else []),
         f"## Citation\n\n```bibtex\n{CITATION}\n```",
     ]
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n\n".join(sections) + "\n")
@@ -136,7 +140,7 @@ def write_model_card(
     """`build_model_card`, saved as ``README.md`` in ``directory`` with its plot (when ``history`` is given)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    card = build_model_card(config, stats, **kwargs)
+    card = build_model_card(config, stats, onnx=(directory / ONNX_FILE).exists(), **kwargs)
     history = kwargs.get("history")
     if history:
         total = stats.get("total_steps") or max(step for step, _ in history)
@@ -145,6 +149,44 @@ def write_model_card(
         )
     _atomic_write(directory / CARD_FILE, lambda f: f.write(str(card).encode()))
     return card
+
+
+def deploy_section(repo_id: str | None) -> str:
+    """The card's "Deploy" section: the ONNX QDQ file and how to run it with ONNX Runtime."""
+    return (
+        "## Deploy\n\n"
+        f"`{ONNX_FILE}` is the same model as standard ONNX (QDQ): the weights are integer initializers "
+        "(int2/int4/int8, by bit width) with their trained steps in `DequantizeLinear`, and each quantized "
+        "layer's input passes a `QuantizeLinear`/`DequantizeLinear` pair with its learned step, so ONNX "
+        "Runtime and other QDQ runtimes compute the trained integer levels with nothing to calibrate. "
+        "`pip install onnxruntime huggingface_hub`, then:\n\n"
+        "```python\n"
+        "import numpy as np, onnxruntime as ort\n"
+        "from huggingface_hub import hf_hub_download\n\n"
+        f'session = ort.InferenceSession(hf_hub_download("{repo_id or "<repo-id>"}", "{ONNX_FILE}"))\n'
+        "_, channels, height, width = session.get_inputs()[0].shape  # the batch size is free\n"
+        "pixel_values = np.zeros((4, channels, height, width), np.float32)  # normalised as in training\n"
+        'print(session.run(["logits"], {"pixel_values": pixel_values})[0].argmax(1))\n'
+        "```"
+    )
+
+
+def add_deploy_section(directory: str | os.PathLike, repo_id: str | None = None) -> bool:
+    """Add the "Deploy" section to the card in ``directory`` when the folder has an `ONNX_FILE` and the
+    card does not mention it yet (an ONNX file exported after the card was written). Returns whether the
+    card changed."""
+    directory = Path(directory)
+    card_path = directory / CARD_FILE
+    if not ((directory / ONNX_FILE).exists() and card_path.exists()):
+        return False
+    text = card_path.read_text()
+    if "\n## Deploy\n" in text:
+        return False
+    section = deploy_section(hub_id(repo_id)) + "\n\n"
+    cut = text.find("\n## Citation\n")
+    text = text.rstrip("\n") + "\n\n" + section if cut < 0 else text[: cut + 1] + section + text[cut + 1 :]
+    _atomic_write(card_path, lambda f: f.write(text.encode()))
+    return True
 
 
 def _atomic_write(path: Path, write) -> None:

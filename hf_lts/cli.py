@@ -312,7 +312,7 @@ def load_model(path: str) -> PreTrainedModel:
     """Load a model saved by `LTSTrainer` — the packed export or a training checkpoint — for evaluation.
 
     `from_pretrained` does it all through the ``"lts"`` quantizer that importing hf_lts registers
-    (`hf_lts.serialization`); this is the one place the CLI loads models, should that ever change.
+    (`hf_lts.quantizers`); this is the one place the CLI loads models, should that ever change.
     """
     from transformers import AutoModelForImageClassification
 
@@ -514,8 +514,56 @@ def push_command(argv: Sequence[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": train_command, "eval": eval_command, "push": push_command}
-USAGE = """usage: hf-lts {train,eval,push} [options]
+def export_command(argv: Sequence[str]) -> int:
+    """``hf-lts export --format onnx MODEL_DIR``: write ``model.onnx`` (ONNX QDQ) beside the packed export.
+
+    MODEL_DIR is an export folder, a local checkpoint folder or a Hub id. The file goes into ``--output``,
+    by default MODEL_DIR itself when it is a local folder, else ``./<repo name>``; an output folder other
+    than MODEL_DIR also receives the packed export, so that it can be pushed as it is.
+    """
+    import argparse
+
+    from .card import add_deploy_section, hub_id
+    from .export import ONNX_FILE
+    from .export.onnx import export_onnx, require_onnx
+    from .export.packed import save_export
+
+    parser = argparse.ArgumentParser(
+        prog="hf-lts export", description="Export a trained LTS model to a deployable format."
+    )
+    parser.add_argument(
+        "model", metavar="MODEL_DIR", help="an export folder, a checkpoint folder or a Hub id"
+    )
+    parser.add_argument("--format", required=True, choices=["onnx"], help="onnx: an ONNX QDQ model.onnx")
+    parser.add_argument("--output", help="the folder to write to (default: MODEL_DIR, or ./<repo name>)")
+    parser.add_argument("--opset", type=int, help="ONNX opset (default: 25 with 2-bit layers, else 21)")
+    parser.add_argument(
+        "--image-size",
+        "--image_size",
+        type=int,
+        help="side of the example input (default: config.image_size)",
+    )
+    args = parser.parse_args(argv)
+    local = Path(args.model).is_dir()
+    output = Path(args.output or (args.model if local else Path(args.model).name))
+    try:
+        require_onnx()  # before loading the model
+    except ImportError as e:
+        raise UsageError(_one_line(e)) from e
+    with _user_errors(f"cannot export {args.model}"):
+        model = load_model(args.model)
+        size = args.image_size or getattr(model.config, "image_size", None) or 224
+        example = torch.zeros(2, getattr(model.config, "num_channels", 3), size, size)
+        if not (local and output.resolve() == Path(args.model).resolve()):
+            save_export(model, output)
+        path = export_onnx(model, output / ONNX_FILE, example_inputs=example, opset=args.opset)
+        add_deploy_section(output, hub_id(None if local else args.model))
+    print(f"Wrote {path} ({path.stat().st_size / 1e6:.2f} MB)")
+    return 0
+
+
+COMMANDS = {"train": train_command, "eval": eval_command, "push": push_command, "export": export_command}
+USAGE = """usage: hf-lts {train,eval,push,export} [options]
 
   train   LTS quantization-aware training (no options: the CPU demo on digits)
           hf-lts train [--config recipe.yaml] [--any_field value ...]
@@ -523,6 +571,8 @@ USAGE = """usage: hf-lts {train,eval,push} [options]
           hf-lts eval --model PATH --dataset NAME [--image_size N]
   push    upload an LTS export folder with its model card to the Hugging Face Hub
           hf-lts push --repo-id ID PATH [--private] [--revision BRANCH]
+  export  write a deployable model.onnx (ONNX QDQ) beside an LTS export
+          hf-lts export --format onnx MODEL_DIR [--output DIR] [--opset N]
 
 Run hf-lts <command> --help for every option."""
 

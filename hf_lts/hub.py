@@ -17,9 +17,9 @@ from huggingface_hub import HfApi
 from huggingface_hub.utils import httpx
 from safetensors import SafetensorError, safe_open
 
-from .card import CARD_FILE, write_model_card
+from .card import CARD_FILE, add_deploy_section, write_model_card
 from .config import LTSConfig
-from .serialization import PACKED_FORMAT
+from .export.packed import PACKED_FORMAT
 
 #: Never uploaded from an export folder: training checkpoints, temporary files of atomic writes, and the
 #: pickled training arguments (local paths, possibly a Hub token).
@@ -78,7 +78,8 @@ def push_export(
     """Upload an LTS export folder (`read_export`) to the Hub model repo ``repo_id``, creating it if needed.
 
     A folder without ``README.md`` first gets a card, built from its config and recorded statistics, written
-    into it. Returns the `CommitInfo`, or with ``run_as_future`` a future of it (whose upload errors then
+    into it; a card without a "Deploy" section gets one when the folder has ``model.onnx``, which is uploaded
+    with the rest. Returns the `CommitInfo`, or with ``run_as_future`` a future of it (whose upload errors then
     surface from the future). Raises `HubUploadError` when the Hub or the network fails, leaving the
     export's files as they were.
     """
@@ -90,6 +91,7 @@ def push_export(
         repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
     if not (folder / CARD_FILE).exists():
         write_model_card(folder, config, stats, repo_id=repo_id)
+    add_deploy_section(folder, repo_id)  # an ONNX file exported after the card was written
     with upload_errors(folder, repo_id, api.endpoint):
         return api.upload_folder(
             repo_id=repo_id,

@@ -22,12 +22,14 @@ from .card import write_model_card
 from .config import LTSConfig
 from .data import collate_fn
 from .distributed import FrozenAwareAllReduceState, register_frozen_aware_hook
+from .export import ONNX_FILE
+from .export.onnx import refresh_onnx
 from .hub import push_export, upload_errors
 from .metrics import compute_metrics as accuracy_metrics
 from .quantization import prepare_model
 from .quantization.lsq import ActivationFakeQuantizer, WeightFakeQuantizer
+from .quantizers import training_state
 from .scratcher import LotteryTicketScratcher
-from .serialization import training_state
 
 logger = logging.getLogger(__name__)
 
@@ -290,14 +292,20 @@ class LTSTrainer(Trainer):
     def export_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """Write the trained model for `from_pretrained`: the single place that decides the final format.
 
-        ``save_pretrained`` of a prepared model writes the packed export (`hf_lts.serialization`); the model
-        card (with the last evaluation and the frozen-ratio plot) goes with it, whichever entry point saved.
+        ``save_pretrained`` of a prepared model writes the packed integer export (`hf_lts.export.packed`); the
+        model card (with the last evaluation and the frozen-ratio plot) goes with it, whichever entry point
+        saved. A ``model.onnx`` already in the folder (`hf_lts.export_onnx`) is exported again from the same
+        model with its input shape and opset, so that it never lags behind the packed weights beside it
+        (``push_to_hub`` uploads both).
         """
         super().save_model(output_dir, _internal_call=_internal_call)
         directory = output_dir if output_dir is not None else self.args.output_dir
         if self.args.should_save:  # safetensors writes 0600 files; a Hub mirror or a shared folder reads them
             for weights in Path(directory).glob("*.safetensors"):
                 os.chmod(weights, 0o644)
+        onnx_file = Path(directory) / ONNX_FILE
+        if self.is_world_process_zero() and onnx_file.exists():
+            refresh_onnx(self.accelerator.unwrap_model(self.model), onnx_file)
         self._write_card(directory)
 
     def create_model_card(

@@ -15,8 +15,9 @@ import hf_lts
 from hf_lts import LotteryTicketScratcher, LTSConfig, prepare_model
 from hf_lts.card import PLOT_FILE, write_model_card
 from hf_lts.cli import main as cli_main
+from hf_lts.export.packed import save_export
 from hf_lts.hub import HubUploadError, push_export, read_export
-from hf_lts.serialization import save_export, training_state
+from hf_lts.quantizers import training_state
 
 
 def trained_export(folder: Path, steps: int = 3):

@@ -15,17 +15,17 @@ from transformers import AutoModelForImageClassification, ResNetConfig, ResNetFo
 
 import hf_lts
 from hf_lts import LotteryTicketScratcher, LTSConfig, prepare_model
-from hf_lts.quantization import quantized_layers
-from hf_lts.serialization import (
+from hf_lts.export.packed import (
     TRAINING_BUFFERS,
     LTSCheckpointError,
-    LTSHfQuantizer,
     codes_per_byte,
+    export_levels,
     pack_codes,
     save_export,
-    training_state,
     unpack_codes,
 )
+from hf_lts.quantization import quantized_layers
+from hf_lts.quantizers import LTSHfQuantizer, training_state
 
 BUILDERS = {"resnet": tiny_resnet, "mobilenet": tiny_mobilenet}
 
@@ -97,9 +97,7 @@ def test_from_pretrained_reproduces_logits_bit_for_bit(tmp_path, arch, bits, per
     assert torch.equal(logits(loaded, x), logits(model, x))
     assert isinstance(loaded.hf_quantizer, LTSHfQuantizer) and loaded.lts_config == model.lts_config
     for name, layer in quantized_layers(loaded).items():
-        assert torch.equal(
-            layer.weight_levels, hf_lts.serialization.export_levels(quantized_layers(model)[name])
-        )
+        assert torch.equal(layer.weight_levels, export_levels(quantized_layers(model)[name]))
 
 
 def test_layers_kept_in_fp32_are_stored_as_float_weights(tmp_path):

@@ -88,7 +88,7 @@ def prepare_model(model: nn.Module, config: LTSConfig) -> nn.Module:
     model.lts_config = config
     if getattr(model, "config", None) is not None and hasattr(model.config, "to_dict"):
         model.config.quantization_config = config
-        from ..serialization import attach_quantizer  # here: serialization builds on this module
+        from ..quantizers import attach_quantizer  # here: the quantizer builds on this module
 
         attach_quantizer(model)
     return model
