@@ -16,10 +16,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file
 from torch import nn
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
-from transformers.trainer_utils import HubStrategy
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_utils import HubStrategy, TrainOutput, load_sharded_checkpoint
 from transformers.training_args import ParallelMode
+from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 
 from .card import write_model_card
 from .config import LTSConfig
@@ -311,6 +314,10 @@ class LTSTrainer(Trainer):
         outlived ``ddp_timeout`` ends training with one line naming the checkpoint to resume from.
         """
         checkpoint = resolve_resume(resume_from_checkpoint, self.args.output_dir)
+        if checkpoint is not None and self.args.max_steps > 0:
+            finished = TrainerState.load_from_json(os.path.join(checkpoint, TRAINER_STATE_NAME))
+            if finished.global_step >= self.args.max_steps:
+                return self._load_finished_run(checkpoint, finished)
         try:
             return super().train(checkpoint, trial, ignore_keys_for_eval)
         except Exception as e:
@@ -319,6 +326,26 @@ class LTSTrainer(Trainer):
             raise dead_rank_error(
                 e, self.args.process_index, self.args.output_dir, self.args.ddp_timeout
             ) from e
+
+    def _load_finished_run(self, checkpoint: str, state: TrainerState) -> TrainOutput:
+        """Load a checkpoint written at the last step (a run killed during its final export) without training.
+
+        transformers resumes such a mid-epoch final checkpoint with one more optimizer step than the run had,
+        which would make the resumed model differ from the uninterrupted one.
+        """
+        logger.warning(
+            "%s is the end of training (step %d of max_steps=%d): loading it, nothing left to train.",
+            checkpoint,
+            state.global_step,
+            self.args.max_steps,
+        )
+        model = self.accelerator.unwrap_model(self.model)
+        if os.path.isfile(os.path.join(checkpoint, SAFE_WEIGHTS_INDEX_NAME)):
+            load_sharded_checkpoint(model, checkpoint, strict=True)
+        else:
+            model.load_state_dict(load_file(os.path.join(checkpoint, SAFE_WEIGHTS_NAME)), strict=True)
+        self.state = state
+        return TrainOutput(state.global_step, float("nan"), {})
 
     def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
         """Replaces the Trainer's push at each checkpoint (``push_to_hub=True``, ``hub_strategy`` other than
