@@ -158,8 +158,7 @@ def is_collective_failure(error: BaseException) -> bool:
         return True
     text = str(error)
     return isinstance(error, RuntimeError) and any(
-        s in text
-        for s in ("Connection closed by peer", "Connection reset", "Timed out", "timed out", "[gloo")
+        s in text for s in ("gloo/", "Connection closed by peer", "Connection reset by peer")
     )
 
 
