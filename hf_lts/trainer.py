@@ -7,16 +7,22 @@ working across transformers releases.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file
 from torch import nn
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_utils import HubStrategy, TrainOutput, load_sharded_checkpoint
 from transformers.training_args import ParallelMode
+from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 
 from .card import write_model_card
 from .config import LTSConfig
@@ -29,6 +35,16 @@ from .metrics import compute_metrics as accuracy_metrics
 from .quantization import prepare_model
 from .quantization.lsq import ActivationFakeQuantizer, WeightFakeQuantizer
 from .quantizers import training_state
+from .resilience import (
+    background_push,
+    copy_metrics_files,
+    dead_rank_error,
+    destroy_process_group_at_exit,
+    is_collective_failure,
+    mark_checkpoint_complete,
+    resolve_resume,
+    unmark_checkpoint,
+)
 from .scratcher import LotteryTicketScratcher
 
 logger = logging.getLogger(__name__)
@@ -128,6 +144,24 @@ class _FrozenAllReduceCallback(TrainerCallback):
             wrapped._lts_allreduce = self.trainer.allreduce_state = register_frozen_aware_hook(wrapped)
 
 
+class _CheckpointCompleteCallback(TrainerCallback):
+    """Marks ``checkpoint-N/`` complete once every rank has written its part (`hf_lts.resilience`).
+
+    ``on_save`` runs on every rank right after the Trainer's checkpoint save; the barrier makes rank 0 wait
+    for the other ranks' files (their RNG states) before it vouches for the folder.
+    """
+
+    def __init__(self, trainer: LTSTrainer) -> None:
+        self.trainer = trainer
+
+    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        self.trainer.accelerator.wait_for_everyone()
+        if args.should_save:
+            mark_checkpoint_complete(
+                os.path.join(args.output_dir, f"checkpoint-{state.global_step}"), state.global_step
+            )
+
+
 class LTSTrainer(Trainer):
     """A `Trainer` for LTS quantization-aware training (``hf_lts/LTS.md``).
 
@@ -202,6 +236,10 @@ class LTSTrainer(Trainer):
         self.allreduce_state: FrozenAwareAllReduceState | None = None
         if getattr(self.args, "skip_frozen_allreduce", True):
             self.add_callback(_FrozenAllReduceCallback(self))
+        self.add_callback(_CheckpointCompleteCallback(self))
+        if self.args.parallel_mode == ParallelMode.DISTRIBUTED:
+            destroy_process_group_at_exit()
+        self._checkpoint_push: Future | None = None
 
     @staticmethod
     def _prepare(model: nn.Module, lts_config: LTSConfig | None) -> nn.Module:
@@ -276,6 +314,96 @@ class LTSTrainer(Trainer):
             logs.update(self.lts_metrics())
         super().log(logs, start_time)
 
+    # -- faults ------------------------------------------------------------------------------------------
+    def train(
+        self,
+        resume_from_checkpoint: str | bool | None = None,
+        trial: Any = None,
+        ignore_keys_for_eval: list[str] | None = None,
+    ) -> Any:
+        """`Trainer.train`, resuming only from a complete checkpoint and failing clearly when a process dies.
+
+        ``resume_from_checkpoint=True`` (or ``"last"``/``"true"``, as ``--resume_from_checkpoint`` gives them)
+        takes the newest *complete* ``checkpoint-N`` and logs each newer, partial one it skips; a folder passed
+        explicitly must be complete. Under DDP, a collective that fails because another process died or
+        outlived ``ddp_timeout`` ends training with one line naming the checkpoint to resume from.
+        """
+        checkpoint = resolve_resume(resume_from_checkpoint, self.args.output_dir)
+        if checkpoint is not None and self.args.max_steps > 0:
+            finished = TrainerState.load_from_json(os.path.join(checkpoint, TRAINER_STATE_NAME))
+            if finished.global_step >= self.args.max_steps:
+                return self._load_finished_run(checkpoint, finished)
+        try:
+            return super().train(checkpoint, trial, ignore_keys_for_eval)
+        except Exception as e:
+            if self.args.parallel_mode != ParallelMode.DISTRIBUTED or not is_collective_failure(e):
+                raise
+            raise dead_rank_error(
+                e, self.args.process_index, self.args.output_dir, self.args.ddp_timeout
+            ) from e
+
+    def _load_finished_run(self, checkpoint: str, state: TrainerState) -> TrainOutput:
+        """Load a checkpoint written at the last step (a run killed during its final export) without training.
+
+        transformers resumes such a mid-epoch final checkpoint with one more optimizer step than the run had,
+        which would make the resumed model differ from the uninterrupted one.
+        """
+        logger.warning(
+            "%s is the end of training (step %d of max_steps=%d): loading it, nothing left to train.",
+            checkpoint,
+            state.global_step,
+            self.args.max_steps,
+        )
+        model = self.accelerator.unwrap_model(self.model)
+        if os.path.isfile(os.path.join(checkpoint, SAFE_WEIGHTS_INDEX_NAME)):
+            load_sharded_checkpoint(model, checkpoint, strict=True)
+        else:
+            model.load_state_dict(load_file(os.path.join(checkpoint, SAFE_WEIGHTS_NAME)), strict=True)
+        self.state = state
+        return TrainOutput(state.global_step, float("nan"), {})
+
+    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
+        """Replaces the Trainer's push at each checkpoint (``push_to_hub=True``, ``hub_strategy`` other than
+        ``"end"``), which would copy the checkpoint's full-state weights into ``output_dir`` and upload them
+        with ``training_args.bin`` (a pickle that may hold the Hub token) and, for the ``checkpoint``
+        strategies, the optimizer state.
+
+        This is the one method through which the Trainer pushes during training, so replacing it is the only
+        way to stop that upload without changing the user's arguments. Instead, rank 0 writes the packed
+        export of the current weights, a model card and the metrics (``log_history.json``, any
+        ``*results.json``) into a temporary folder and uploads it on a background thread with
+        `hf_lts.hub.push_export`; a failed upload is logged and training goes on. A push still running
+        makes the next one wait for the following save, unless ``hub_always_push``.
+        """
+        if not self.is_world_process_zero() or self.args.hub_strategy == HubStrategy.END:
+            return
+        if self._checkpoint_push is not None and not self._checkpoint_push.done():
+            if not self.args.hub_always_push:
+                logger.info(
+                    "Previous push still running: skipping the push of step %d.", self.state.global_step
+                )
+                return
+        model = self.accelerator.unwrap_model(self.model)
+        step = self.state.global_step
+
+        def stage(folder: Path) -> None:
+            model.save_pretrained(folder)
+            if self.processing_class is not None:
+                self.processing_class.save_pretrained(folder)
+            (folder / "log_history.json").write_text(json.dumps(self.state.log_history, indent=1))
+            copy_metrics_files(self.args.output_dir, folder)
+
+        def upload(folder: Path) -> Any:
+            return push_export(
+                folder,
+                self.hub_model_id,
+                token=self.args.hub_token,
+                revision=self.args.hub_revision,
+                commit_message=f"Training in progress, step {step}",
+            )
+
+        self._checkpoint_push = background_push(stage, upload, self.args.output_dir)
+
     # -- saving ------------------------------------------------------------------------------------------
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """Checkpoints keep the full training state; every other save is the final export (`export_model`).
@@ -284,6 +412,8 @@ class LTSTrainer(Trainer):
         ``save_model()`` and ``push_to_hub`` (``save_model(_internal_call=True)``, no folder) are final saves.
         """
         if _internal_call and output_dir is not None:
+            if self.args.should_save:
+                unmark_checkpoint(output_dir)  # rewritten from here on: partial until on_save marks it again
             with training_state(self.accelerator.unwrap_model(self.model)):
                 super().save_model(output_dir, _internal_call=True)
         else:
@@ -395,7 +525,8 @@ class LTSTrainer(Trainer):
             self.init_hf_repo(token=token, private=private)
         kwargs.setdefault("model_name", self.hub_model_id.split("/")[-1])
         self.create_model_card(**kwargs)
-        self._finish_current_push()  # a checkpoint push still running would race with this one
+        if self._checkpoint_push is not None:  # a checkpoint push still running would race with this one
+            self._checkpoint_push.exception()  # wait; its errors were logged already
         return push_export(
             self.args.output_dir,
             self.hub_model_id,

@@ -1,8 +1,11 @@
 """One process of the multi-process tests: `LTSTrainer` on a small model, launched by torchrun / accelerate.
 
-``train``: N optimizer steps (checkpoint every ``--save-steps``), optionally resumed from a checkpoint;
-every rank writes a digest of its model state (BatchNorm running statistics excluded: they are per rank
-under DDP) and its LTS statistics. ``grad``: one step of a BatchNorm-free model; rank 0 writes the
+``train``: N optimizer steps (checkpoint every ``--save-steps``), optionally resumed from a checkpoint
+(``--resume last``: the newest complete one), then the final export (``save_model``); every rank writes a
+digest of its model state (BatchNorm running statistics excluded: they are per rank under DDP) and its LTS
+statistics. ``--kill-at WHERE:STEP`` makes rank ``--kill-rank`` SIGKILL itself: ``step`` after the backward
+of step STEP, before its optimizer step; ``save`` while writing ``checkpoint-STEP`` (its weights file half
+written); ``export`` while writing the final export (likewise). ``grad``: one step of a BatchNorm-free model; rank 0 writes the
 all-reduced gradient, to compare a 2-process run with a 1-process run of the same global batch.
 """
 
@@ -12,9 +15,11 @@ import argparse
 import hashlib
 import json
 import os
+import signal
 import sys
 
 import torch
+import transformers.modeling_utils
 from datasets import Dataset
 from torch import nn
 from transformers import TrainerCallback
@@ -75,6 +80,36 @@ class GradCapture(TrainerCallback):
             }
 
 
+def die() -> None:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+class KillMidStep(TrainerCallback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        if state.global_step + 1 == self.step:
+            die()
+
+
+def kill_while_writing(where: str, step: int) -> None:
+    """SIGKILL this process in the middle of writing a weights file: a checkpoint's or the final export's."""
+    real_save = transformers.modeling_utils.safe_save_file
+
+    def torn_save(tensors, filename, metadata=None):
+        real_save(tensors, filename, metadata=metadata)
+        in_checkpoint = f"checkpoint-{step}" in str(filename)
+        if (where == "save" and in_checkpoint) or (where == "export" and "checkpoint-" not in str(filename)):
+            with open(filename, "r+b") as f:
+                f.truncate(os.path.getsize(filename) // 2)
+            die()
+
+    transformers.modeling_utils.safe_save_file = torn_save
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("mode", choices=["train", "grad"])
@@ -84,7 +119,17 @@ def main() -> None:
     parser.add_argument("--save-steps", type=int, default=0)
     parser.add_argument("--resume", default=None)
     parser.add_argument("--default-allreduce", action="store_true", help="DDP's own all-reduce hook")
+    parser.add_argument("--kill-at", default=None, help="step:N, save:N or export:N")
+    parser.add_argument("--kill-rank", type=int, default=0)
+    parser.add_argument("--ddp-timeout", type=int, default=1800)
     a = parser.parse_args()
+    callbacks = []
+    if a.kill_at and int(os.environ.get("RANK", "0")) == a.kill_rank:
+        where, step = a.kill_at.split(":")
+        if where == "step":
+            callbacks.append(KillMidStep(int(step)))
+        else:
+            kill_while_writing(where, int(step))
 
     model = NoNormNet() if a.mode == "grad" else tiny_resnet()
     args = LTSTrainingArguments(
@@ -103,11 +148,12 @@ def main() -> None:
         dataloader_pin_memory=False,
         seed=0,
         skip_frozen_allreduce=not a.default_allreduce,
+        ddp_timeout=a.ddp_timeout,
     )
     config = LTSConfig(weight_bits=2, activation_bits=4, distance_momentum=0.5, freeze_warmup_ratio=0.1)
     capture = GradCapture()
     trainer = LTSTrainer(
-        model=model, args=args, lts_config=config, train_dataset=dataset(64), callbacks=[capture]
+        model=model, args=args, lts_config=config, train_dataset=dataset(64), callbacks=[capture, *callbacks]
     )
     trainer.train(resume_from_checkpoint=a.resume)
     rank = trainer.args.process_index
@@ -115,6 +161,7 @@ def main() -> None:
         if rank == 0:
             torch.save(capture.grads, os.path.join(a.out, "grads.pt"))
         return
+    trainer.save_model()
     quantizers = {
         n: [m.input_quantizer.scale.item(), bool(m.input_quantizer.signed)]
         for n, m in model.named_modules()

@@ -5,6 +5,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -109,3 +110,40 @@ def test_cli_trains_under_accelerate_launch_with_the_shipped_config(tmp_path):
     assert config["quantization_config"]["quant_method"] == "lts"
     state = json.loads((out / "trainer_state.json").read_text())
     assert state["global_step"] == 4
+
+
+def test_dead_rank_mid_checkpoint_fails_clearly_and_the_last_complete_checkpoint_resumes(
+    straight_run, tmp_path
+):
+    """Rank 0 is SIGKILLed while it writes checkpoint-10. Started without a launcher (which would kill the
+    survivor itself), rank 1 must exit with one clear line within ``ddp_timeout``, not hang; then a resume
+    skips the partial checkpoint-10 and ends bit-identical to the uninterrupted run."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": free_port()}
+    env.update(WORLD_SIZE="2", LOCAL_WORLD_SIZE="2", PYTHONPATH=str(REPO))
+    cmd = [sys.executable, WORKER, "train", "--out", str(tmp_path), "--steps", "10", "--save-steps", "5"]
+    cmd += ["--kill-at", "save:10", "--ddp-timeout", "60"]
+    procs = [
+        subprocess.Popen(
+            cmd,
+            cwd=REPO,
+            env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for r in (0, 1)
+    ]
+    assert procs[0].wait(timeout=300) == -9
+    killed_at = time.monotonic()
+    survivor_err = procs[1].communicate(timeout=90)[1]
+    assert time.monotonic() - killed_at < 60
+    assert procs[1].returncode == 1
+    assert (
+        "RuntimeError: Rank 1: another process of the run stopped responding" in survivor_err
+        and f"the newest complete checkpoint is {tmp_path / 'checkpoint-5'}" in survivor_err
+    ), survivor_err[-3000:]
+
+    resume = torchrun(WORKER, "train", "--out", str(tmp_path), "--steps", "10", "--save-steps", "5")
+    run([*resume, "--resume", "last"], REPO)
+    resumed = ranks(tmp_path)
+    assert resumed[0]["digest"] == resumed[1]["digest"] == ranks(straight_run)[0]["digest"]
+    assert (tmp_path / "checkpoint-10" / "lts_checkpoint_complete.json").exists()
