@@ -67,11 +67,17 @@ def build_model(name: str, image_size: int) -> nn.Module:
         return MobileNetV2ForImageClassification(
             MobileNetV2Config(image_size=image_size, num_labels=NUM_LABELS)
         )
+    if name.startswith("small-"):  # the accuracy benchmark's narrow models (28 px in that benchmark)
+        from benchmarks.accuracy import build_model as small_model
+
+        return small_model(name.removeprefix("small-"), NUM_LABELS, image_size)
     if name == "tiny":
         return ResNetForImageClassification(
             ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], num_labels=NUM_LABELS)
         )
-    raise ValueError(f"unknown model {name!r}: use resnet18, mobilenetv2 or tiny")
+    raise ValueError(
+        f"unknown model {name!r}: use resnet18, mobilenetv2, small-resnet18, small-mobilenet_v2 or tiny"
+    )
 
 
 def variant_names(quick: bool) -> list[str]:
@@ -353,7 +359,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--models", nargs="+", default=None, help="resnet18, mobilenetv2, tiny")
+    parser.add_argument(
+        "--models",
+        nargs="+",
+        default=None,
+        help="resnet18, mobilenetv2, small-resnet18, small-mobilenet_v2, tiny",
+    )
     parser.add_argument("--variants", nargs="+", default=None, help="default: all (see variant_names)")
     parser.add_argument("--quick", action="store_true", help="smoke run: tiny model, few steps")
     parser.add_argument("--image-size", type=int, default=None)
