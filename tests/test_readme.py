@@ -95,6 +95,19 @@ def test_every_readme_command_runs_as_printed(hub_server, tmp_path):
             assert "model.safetensors" in hub_server_files(repo_id)
 
 
+def run_cli(cwd: Path, *args: str) -> None:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run(
+        [sys.executable, "-m", "hf_lts.cli", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, f"hf-lts {shlex.join(args)} failed:\n{proc.stderr[-3000:]}"
+
+
 def hub_server_files(repo_id: str) -> list[str]:
     from huggingface_hub import HfApi
 
@@ -116,6 +129,9 @@ def test_every_readme_python_block_runs(hub_server, tmp_path, monkeypatch):
     threads = torch.get_num_threads()
     namespaces = []
     for i, block in enumerate(blocks):
+        if "lts-output/model.onnx" in block:  # the bash block before it: the demo, then its ONNX export
+            run_cli(tmp_path, "train", *STEP_LIMIT)
+            run_cli(tmp_path, "export", "--format", "onnx", "lts-output")
         for old, new in substitutions.items():
             block = block.replace(old, new)
         namespace: dict = {"__name__": f"readme_block_{i}"}
@@ -124,6 +140,8 @@ def test_every_readme_python_block_runs(hub_server, tmp_path, monkeypatch):
     torch.set_num_threads(threads)
 
     api, plain = namespaces[0], namespaces[1]
+    onnx = next(n for n in namespaces if "session" in n)  # the ONNX Runtime block ran the exported demo
+    assert onnx["logits"].shape == (len(onnx["test"]["labels"]), 10)
     # The Trainer block: a trained export with its card, pushed, and loaded back from the Hub.
     assert {"config.json", "model.safetensors", "README.md"} <= set(
         os.listdir(tmp_path / "resnet18-w2a2-lts")
