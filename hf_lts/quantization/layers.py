@@ -151,16 +151,23 @@ class QuantLayerMixin:
         self._macs_known = bool(self.lts_macs > 0)
         self._refresh_active_channels()
 
+    #: Skip frozen channels' weight gradients only from this share of them on: slicing the output
+    #: gradient (and, for depthwise convolutions, the input) costs a copy, which a few skipped channels
+    #: do not repay (measured in benchmarks/speed.py).
+    min_skipped_share = 0.25
+
     def _refresh_active_channels(self) -> None:
-        """``_active_channels``: the output channels that still have a trainable weight (``None``: all of
-        them), i.e. those whose weight gradient the backward computes."""
+        """``_active_channels``: the output channels whose weight gradient the backward computes — those
+        that still have a trainable weight, or ``None`` (all) while fewer than `min_skipped_share` have
+        none; an empty tensor once every weight is frozen."""
         if self._num_frozen == 0:
             self._active_channels = None
             return
         channels = self.weight.shape[0]
         trainable = ~state.frozen(self.lts_state).view(channels, -1).all(1)
         active = trainable.nonzero().flatten()
-        self._active_channels = None if active.numel() == channels else active
+        skipped = 1 - active.numel() / channels
+        self._active_channels = None if skipped < self.min_skipped_share and active.numel() else active
 
     #: Whether the backward skips the weight gradient of single frozen output channels (else only of a
     #: fully frozen layer).
