@@ -187,9 +187,8 @@ class LotteryTicketScratcher:
             elif self._restored_version.get(name) != layer.weight._version:
                 layer._restore_frozen()
                 self._restored_version[name] = layer.weight._version
-        torch._foreach_copy_(
-            [layer.lts_step for layer in self.layers.values()], [self._step_tensor(t)] * len(self.layers)
-        )
+        step = torch.tensor(t, dtype=torch.int64, device=device)
+        torch._foreach_copy_([layer.lts_step for layer in self.layers.values()], [step] * len(self.layers))
         if counts:
             for (layer, _), newly in zip(counts, torch.stack([c for _, c in counts]).tolist(), strict=True):
                 if newly:
@@ -216,9 +215,6 @@ class LotteryTicketScratcher:
         if bool(complete.any()):
             new = (complete.unsqueeze(1) & ~frozen).view_as(layer.weight)
             layer._freeze_at(new, state.levels(layer.lts_state))
-
-    def _step_tensor(self, t: int) -> torch.Tensor:
-        return torch.tensor(t, dtype=torch.int64, device=next(iter(self.layers.values())).lts_step.device)
 
     def _flat_args(self, name: str, layer: QuantLayerMixin) -> tuple[torch.Tensor, ...] | None:
         """Flat, detached aliases of the layer's weight, state and steps (made once: they share storage,

@@ -153,6 +153,13 @@ def _flat(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1).detach()
 
 
+def _run_kernel(x, scale, qmin, qmax, grad, packed, compiled):
+    """The forward kernel (``grad`` None) or the backward one, with or without frozen values."""
+    args = [_flat(x), _flat(scale), *_bounds(qmin, qmax, x.device)]
+    args += [_flat(t) for t in (grad, packed) if t is not None]
+    return _KERNELS[grad is not None, packed is not None](*args, compiled=compiled)
+
+
 def lsq_forward(
     x: torch.Tensor,
     scale: torch.Tensor,
@@ -163,10 +170,7 @@ def lsq_forward(
 ) -> torch.Tensor:
     """``clamp(round(x / s), Qn, Qp) · s`` of float ``x`` (no autograd), per tensor (``scale`` of one element)
     or per channel along dim 0; with an LTS state ``packed``, frozen elements at their held level."""
-    args = (_flat(x), _flat(scale), *_bounds(qmin, qmax, x.device))
-    if packed is not None:
-        args = (*args, _flat(packed))
-    return _KERNELS[False, packed is not None](*args, compiled=compiled).view(x.shape)
+    return _run_kernel(x, scale, qmin, qmax, None, packed, compiled).view(x.shape)
 
 
 def lsq_grad_terms(
@@ -180,10 +184,7 @@ def lsq_grad_terms(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(grad_x, ∂(q·s)/∂s, q·s)``: the input gradient and the forward's output shaped like ``x``, the
     derivative as ``[C, K]``."""
-    args = (_flat(x), _flat(scale), *_bounds(qmin, qmax, x.device), _flat(grad))
-    if packed is not None:
-        args = (*args, _flat(packed))
-    grad_x, dq, out = _KERNELS[True, packed is not None](*args, compiled=compiled)
+    grad_x, dq, out = _run_kernel(x, scale, qmin, qmax, grad, packed, compiled)
     return grad_x.view(x.shape), dq, out.view(x.shape)
 
 
