@@ -70,6 +70,7 @@ def update_layer_state(
     restart_observed: torch.Tensor,
     qmin: int,
     qmax: int,
+    restore: bool = True,
 ) -> torch.Tensor:
     """One LTS update of a layer (LTS.md §2–4), in place; returns how many weights froze now.
 
@@ -85,7 +86,8 @@ def update_layer_state(
     restart at a whole step when their level changed (with ``restart_observed``, an EMA at exactly one
     step instead takes the distance it observes: ``1 - m`` is 1 there), and freeze (snapped onto their
     level) once ``d ≤ r(t)``. Only integer ops and single IEEE float ops: the eager and compiled results
-    agree bit for bit.
+    agree bit for bit. ``restore=False`` (a layer with no frozen weight yet) leaves ``weight`` alone, a
+    weight-sized write saved: the caller snaps weights that froze now (`QuantLayerMixin._restore_frozen`).
     """
     channels = scale.shape[0]
     flat_weight, flat_packed = weight, packed
@@ -106,8 +108,9 @@ def update_layer_state(
     low = torch.where(newly, state.bfloat16_bits(q * scale) + state.FROZEN_BIT, fixed)
     new = torch.where(frozen, packed, level * (1 << state.LEVEL_SHIFT) + low)
     flat_packed.copy_(new.view(-1))
-    held = state.from_bfloat16_bits(new).to(weight.dtype)
-    flat_weight.copy_(torch.where((new & state.FROZEN_BIT) != 0, held, weight).view(-1))
+    if restore:
+        held = state.from_bfloat16_bits(new).to(weight.dtype)
+        flat_weight.copy_(torch.where((new & state.FROZEN_BIT) != 0, held, weight).view(-1))
     return newly.sum()
 
 
@@ -192,7 +195,10 @@ class LotteryTicketScratcher:
         if counts:
             for (layer, _), newly in zip(counts, torch.stack([c for _, c in counts]).tolist(), strict=True):
                 if newly:
+                    first = layer._num_frozen == 0  # the kernel did not touch its weight: snap them here
                     layer._num_frozen += newly
+                    if first:
+                        layer._restore_frozen()
                     layer._refresh_active_channels()
                     if config.channel_completion is not None:
                         self._complete_channels(layer, config.channel_completion)
@@ -245,7 +251,7 @@ class LotteryTicketScratcher:
                 layer.lts_state.view(-1).detach(),
                 quantizer.scale.detach().float(),
             )
-        args = (*flat, key, *scalars, quantizer.qmin, quantizer.qmax)
+        args = (*flat, key, *scalars, quantizer.qmin, quantizer.qmax, layer.num_frozen > 0)
         try:
             newly = self._kernel(*args)
         except Exception as err:  # a missing compiler shows up at the first call

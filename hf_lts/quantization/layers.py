@@ -35,10 +35,11 @@ from .lsq import (
     ActivationFakeQuantizer,
     WeightFakeQuantizer,
     broadcast_scale,
+    input_backward,
+    input_step_terms,
+    layer_forward,
     lsq_backward,
     lsq_forward,
-    lsq_grad_terms,
-    scale_grad,
 )
 
 
@@ -56,16 +57,19 @@ def _compute_dtype(device: torch.device) -> torch.dtype:
 class _QuantizedOp(torch.autograd.Function):
     """``op(fake_quant(x), fake_quant(w, frozen held), b)`` with the LSQ and LTS backward described above.
 
-    Four fused kernels per layer and step: the input's and the weight's fake quantization forward, and
-    backward each in one pass that also recomputes the quantized input the weight gradient needs.
+    Three fused kernels per layer and step: the forward quantizes input and weight in one; the backward
+    has one for the input (which also recomputes the quantized input the weight gradient needs) and one
+    for the weight, each reducing its step's gradient in the same pass.
     """
 
     @staticmethod
     def forward(ctx, x, weight, bias, input_scale, weight_scale, layer):
         aq, wq = layer.input_quantizer, layer.weight_quantizer
-        packed = layer._packed()
-        x_hat = lsq_forward(x.float(), input_scale, aq.qmin, aq.qmax, compiled=aq.fused)
-        w_hat = lsq_forward(weight.float(), weight_scale, wq.qmin, wq.qmax, packed, wq.fused)
+        packed, compiled = layer._packed(), aq.fused and wq.fused
+        x_hat, w_hat = layer_forward(
+            x.float(), (input_scale, aq.qmin, aq.qmax), weight.float(), (weight_scale, wq.qmin, wq.qmax),
+            packed, compiled,
+        )  # fmt: skip
         dtype = _compute_dtype(x.device)
         if dtype == torch.float32:
             out = layer._op(x_hat, w_hat, bias)
@@ -74,14 +78,14 @@ class _QuantizedOp(torch.autograd.Function):
                 out = layer._op(x_hat.to(dtype), w_hat.to(dtype), None if bias is None else bias.to(dtype))
         # The weight-sized quantized weight is kept; the activation-sized quantized input is recomputed.
         ctx.save_for_backward(x, weight, input_scale, weight_scale, packed, w_hat)
-        ctx.layer, ctx.dtype, ctx.active = layer, dtype, layer._active_channels
+        ctx.layer, ctx.dtype, ctx.active, ctx.compiled = layer, dtype, layer._active_channels, compiled
         ctx.grad_factor = aq.grad_factor(x)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         x, weight, input_scale, weight_scale, packed, w_hat = ctx.saved_tensors
-        layer, dtype, active = ctx.layer, ctx.dtype, ctx.active
+        layer, dtype, active, compiled = ctx.layer, ctx.dtype, ctx.active, ctx.compiled
         aq, wq = layer.input_quantizer, layer.weight_quantizer
         need_x, need_input_scale = ctx.needs_input_grad[0], ctx.needs_input_grad[3]
         need_weight = (ctx.needs_input_grad[1] or ctx.needs_input_grad[4]) and (
@@ -89,32 +93,36 @@ class _QuantizedOp(torch.autograd.Function):
         )
         grad_out, w_c, xf = grad_out.to(dtype), w_hat.to(dtype), x.float()
         grad_x = grad_input_scale = grad_weight = grad_weight_scale = grad_bias = None
-        # ∂L/∂x̂ where something needs it; the first layer's pixels do not (adjoint identity below)
-        grad_x_hat = (
-            layer._grad_input(grad_out, x if x.dtype == dtype else x.shape, w_c).float() if need_x else xf
-        )
-        grad_x, dq, x_hat = lsq_grad_terms(xf, input_scale, aq.qmin, aq.qmax, grad_x_hat, compiled=aq.fused)
         if need_x:
-            grad_x = grad_x.to(x.dtype)
-            if need_input_scale:
-                grad_input_scale = scale_grad(grad_x_hat, dq, ctx.grad_factor)
-        elif need_input_scale:  # Σ ∂L/∂x̂ ⊙ dq = Σ ∂L/∂y ⊙ op(dq, ŵ): a forward op, not a transposed one
-            y = layer._op(dq.view(x.shape).to(dtype), w_c, None)
+            grad_x_hat = layer._grad_input(grad_out, x if x.dtype == dtype else x.shape, w_c).float()
+            grad_x, grad_input_scale, x_hat = input_backward(
+                xf, input_scale, aq.qmin, aq.qmax, grad_x_hat, compiled
+            )
+            grad_x, grad_input_scale = grad_x.to(x.dtype), grad_input_scale * ctx.grad_factor
+            del grad_x_hat  # activation-sized: free it before the weight gradient's workspace
+        elif (
+            need_input_scale
+        ):  # the pixels need no gradient: Σ ∂L/∂x̂ ⊙ dq = Σ ∂L/∂y ⊙ op(dq, ŵ), a forward op
+            dq, x_hat = input_step_terms(xf, input_scale, aq.qmin, aq.qmax, compiled)
+            y = layer._op(dq.to(dtype), w_c, None)
             grad_input_scale = torch.dot(grad_out.float().reshape(-1), y.float().reshape(-1)).reshape(1)
             grad_input_scale = grad_input_scale * ctx.grad_factor
-            grad_x = y = None
-        del grad_x_hat, dq  # activation-sized: free them before the weight gradient's workspace
+            del dq, y
+        else:
+            x_hat = lsq_forward(xf, input_scale, aq.qmin, aq.qmax, compiled=compiled)
         x_c = x_hat.to(dtype)
         if need_weight:
             grad_w_hat = layer._grad_weight(grad_out, x_c, w_c, active).float()
             grad_weight, grad_weight_scale = lsq_backward(
-                weight.float(), weight_scale, wq.qmin, wq.qmax, wq.grad_factor, grad_w_hat, packed, wq.fused
+                weight.float(), weight_scale, wq.qmin, wq.qmax, wq.grad_factor, grad_w_hat, packed, compiled
             )
             grad_weight = grad_weight.to(weight.dtype)
         elif _distributed():  # DDP expects a gradient for every parameter on every step: an exact zero
             grad_weight, grad_weight_scale = torch.zeros_like(weight), torch.zeros_like(weight_scale)
         if ctx.needs_input_grad[2]:
             grad_bias = layer._grad_bias(grad_out, x_c, w_c).to(layer.bias.dtype)
+        if not need_input_scale:
+            grad_input_scale = None
         return grad_x, grad_weight, grad_bias, grad_input_scale, grad_weight_scale, None
 
 

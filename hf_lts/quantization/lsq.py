@@ -1,4 +1,4 @@
-"""LSQ fake quantization (Esser et al., 2020) as small composable modules and two fused kernels.
+"""LSQ fake quantization (Esser et al., 2020) as small composable modules and fused kernels.
 
 The straight-through estimator passes the gradient where the *rounded* value lies in ``[Qn, Qp]``, i.e.
 ``v ∈ [Qn - ½, Qp + ½)``, and gives the step ``s`` the LSQ gradient ``(q - v)`` inside that range and
@@ -9,12 +9,14 @@ levels the scratcher tracks are the levels the forward pass used.
 
 Memory: nothing but the input is kept for the backward pass. The straight-through mask and ``∂(q·s)/∂s``
 are recomputed from the input there, in the same pass that applies them: the input is alive anyway (the
-preceding ReLU or convolution keeps it), whereas a saved mask and derivative cost 5 bytes per element.
+preceding ReLU or convolution keeps it), whereas a saved mask and derivative cost 5 bytes per element. The
+step's gradient ``Σ grad ⊙ ∂(q·s)/∂s`` is reduced in that pass too, so ``∂(q·s)/∂s`` is never written.
 
-Speed: the forward (`_quantize_math`) and the backward (`_quantize_grad_math`) each run as one
-`torch.compile` kernel where a compiler works (every model size; ``HF_LTS_COMPILE=0`` or a failed compile
-leaves them eager). Both are pure functions of tensors, compiled with dynamic shapes, so that a handful of
-kernels serves every layer, bit width and batch size; compiled and eager give the same bits.
+Speed: a quantized layer's forward (input and weight) is one kernel and its backward two (input, weight),
+run as `torch.compile` kernels where a compiler works (every model size; ``HF_LTS_COMPILE=0`` or a failed
+compile leaves them eager). They are pure functions of tensors, compiled with dynamic shapes, so that a
+handful of kernels serves every layer, bit width and batch size. Compiled and eager give the same bits
+except in the step's gradient, a sum whose order differs (a few units in the last place).
 """
 
 from __future__ import annotations
@@ -99,44 +101,79 @@ def _levels(x, scale, qmin, qmax, packed):
     return v, rounded, q, frozen
 
 
-def _quantize_math(x, scale, qmin, qmax, packed=None):
-    """Forward: ``q · s`` (no saved intermediates: the backward recomputes them from ``x``)."""
-    _, _, q, _ = _levels(x, scale, qmin, qmax, packed)
+def _dequantize(q, scale):
     return (q * torch.clamp(scale, min=SCALE_EPS).view(-1, 1)).view(-1)
 
 
-def _quantize_grad_math(x, scale, qmin, qmax, grad, packed=None):
-    """Backward, one pass over ``x`` and its output gradient ``grad``: the input gradient (straight-through
-    inside the range, zero for frozen values), ``∂(q·s)/∂s`` per element (``q - v`` inside, ``Qn``/``Qp``
-    outside, zero for frozen values; ``[C, K]``) and the forward's output ``q · s`` again."""
+def _step_terms(x, scale, qmin, qmax, packed=None):
+    """``(q, inside, ∂(q·s)/∂s)``: the straight-through estimator passes the gradient ``inside`` (where
+    round(v) ∈ [Qn, Qp], never for frozen values); the step's derivative is ``q - v`` inside, ``Qn``/``Qp``
+    outside and zero for frozen values."""
     v, rounded, q, frozen = _levels(x, scale, qmin, qmax, packed)
-    inside = q == rounded  # round(v) ∈ [Qn, Qp]: the straight-through estimator passes the gradient
+    inside = q == rounded
     if frozen is not None:
         inside = inside & ~frozen
     dq = torch.where(inside, rounded - v, q)
     if frozen is not None:
         dq = dq.masked_fill(frozen, 0.0)
-    out = (q * torch.clamp(scale, min=SCALE_EPS).view(-1, 1)).view(-1)
-    return (grad.view(dq.shape) * inside).view(-1), dq, out
+    return q, inside, dq
 
 
-def _quantize_frozen_math(x, scale, qmin, qmax, packed):
-    return _quantize_math(x, scale, qmin, qmax, packed)
+def _fake_quant_math(x, scale, qmin, qmax, packed=None):
+    """Forward of one tensor: ``q · s``."""
+    _, _, q, _ = _levels(x, scale, qmin, qmax, packed)
+    return _dequantize(q, scale)
 
 
-def _quantize_frozen_grad_math(x, scale, qmin, qmax, grad, packed):
-    return _quantize_grad_math(x, scale, qmin, qmax, grad, packed)
+def _grad_math(x, scale, qmin, qmax, grad, packed=None):
+    """Backward of one tensor from its output gradient ``grad``: the input gradient and, reduced in the same
+    pass, ``Σ grad ⊙ ∂(q·s)/∂s`` per step (nothing activation-sized is written but the input gradient)."""
+    _, inside, dq = _step_terms(x, scale, qmin, qmax, packed)
+    grad = grad.view(dq.shape)
+    return (grad * inside).view(-1), (grad * dq).sum(1)
 
 
-# One kernel per function and case: Dynamo caches compiled graphs per function, and each case
-# (with or without frozen values; one step or one per channel) is one graph, whatever the shapes.
+def _layer_forward_math(x, x_scale, x_min, x_max, w, w_scale, w_min, w_max, packed=None):
+    """A layer's forward in one kernel: its quantized input and its quantized weight."""
+    return _fake_quant_math(x, x_scale, x_min, x_max), _fake_quant_math(w, w_scale, w_min, w_max, packed)
+
+
+def _input_grad_math(x, scale, qmin, qmax, grad):
+    """`_grad_math` of a layer's input, with the quantized input again (the weight gradient needs it)."""
+    q, inside, dq = _step_terms(x, scale, qmin, qmax)
+    grad = grad.view(dq.shape)
+    return (grad * inside).view(-1), (grad * dq).sum(1), _dequantize(q, scale)
+
+
+def _input_step_terms_math(x, scale, qmin, qmax):
+    """``(∂(q·s)/∂s, q·s)`` of an input that needs no gradient (the first layer's pixels)."""
+    q, _, dq = _step_terms(x, scale, qmin, qmax)
+    return dq.view(-1), _dequantize(q, scale)
+
+
+def _frozen(fn: Callable[..., object]) -> Callable[..., object]:
+    """The same math as a distinct function: Dynamo caches compiled graphs per function, so the case with
+    frozen values (one more input) gets a kernel of its own instead of a recompile of the other."""
+
+    def with_frozen_values(*args):
+        return fn(*args)
+
+    with_frozen_values.__name__ = f"{fn.__name__}_frozen"
+    return with_frozen_values
+
+
+#: The fused kernels, lazily compiled at their first call; each serves every shape, bit width and layer.
 _KERNELS = {
-    (grad, frozen): Kernel(fn)
-    for (grad, frozen), fn in {
-        (False, False): _quantize_math,
-        (False, True): _quantize_frozen_math,
-        (True, False): _quantize_grad_math,
-        (True, True): _quantize_frozen_grad_math,
+    name: Kernel(fn)
+    for name, fn in {
+        "fake_quant": _fake_quant_math,
+        "fake_quant_frozen": _frozen(_fake_quant_math),
+        "grad": _grad_math,
+        "grad_frozen": _frozen(_grad_math),
+        "layer_forward": _layer_forward_math,
+        "layer_forward_frozen": _frozen(_layer_forward_math),
+        "input_grad": _input_grad_math,
+        "input_step_terms": _input_step_terms_math,
     }.items()
 }
 
@@ -153,11 +190,15 @@ def _flat(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1).detach()
 
 
-def _run_kernel(x, scale, qmin, qmax, grad, packed, compiled):
-    """The forward kernel (``grad`` None) or the backward one, with or without frozen values."""
-    args = [_flat(x), _flat(scale), *_bounds(qmin, qmax, x.device)]
-    args += [_flat(t) for t in (grad, packed) if t is not None]
-    return _KERNELS[grad is not None, packed is not None](*args, compiled=compiled)
+def _quantized(x: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int) -> list[torch.Tensor]:
+    """A kernel's arguments for one quantized tensor."""
+    return [_flat(x), _flat(scale), *_bounds(qmin, qmax, x.device)]
+
+
+def _run(name: str, args: list[torch.Tensor], packed: torch.Tensor | None, compiled: bool):
+    if packed is not None:
+        name, args = f"{name}_frozen", [*args, _flat(packed)]
+    return _KERNELS[name](*args, compiled=compiled)
 
 
 def lsq_forward(
@@ -170,22 +211,7 @@ def lsq_forward(
 ) -> torch.Tensor:
     """``clamp(round(x / s), Qn, Qp) · s`` of float ``x`` (no autograd), per tensor (``scale`` of one element)
     or per channel along dim 0; with an LTS state ``packed``, frozen elements at their held level."""
-    return _run_kernel(x, scale, qmin, qmax, None, packed, compiled).view(x.shape)
-
-
-def lsq_grad_terms(
-    x: torch.Tensor,
-    scale: torch.Tensor,
-    qmin: int,
-    qmax: int,
-    grad: torch.Tensor,
-    packed: torch.Tensor | None = None,
-    compiled: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(grad_x, ∂(q·s)/∂s, q·s)``: the input gradient and the forward's output shaped like ``x``, the
-    derivative as ``[C, K]``."""
-    grad_x, dq, out = _run_kernel(x, scale, qmin, qmax, grad, packed, compiled)
-    return grad_x.view(x.shape), dq, out.view(x.shape)
+    return _run("fake_quant", _quantized(x, scale, qmin, qmax), packed, compiled).view(x.shape)
 
 
 def lsq_backward(
@@ -199,18 +225,41 @@ def lsq_backward(
     compiled: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The LSQ gradients of `lsq_forward`'s output gradient ``grad``: ``(grad_x, grad_scale)``."""
-    grad_x, dq, _ = lsq_grad_terms(x, scale, qmin, qmax, grad, packed, compiled)
-    return grad_x, scale_grad(grad, dq, grad_factor)
+    args = [*_quantized(x, scale, qmin, qmax), _flat(grad)]
+    grad_x, grad_scale = _run("grad", args, packed, compiled)
+    return grad_x.view(x.shape), grad_scale * grad_factor
 
 
-def scale_grad(grad: torch.Tensor, dq: torch.Tensor, grad_factor: float) -> torch.Tensor:
-    """LSQ's step gradient ``g · Σ grad ⊙ ∂(q·s)/∂s`` per step (``dq`` as ``[C, K]``)."""
-    grad2d = grad.reshape(dq.shape)
-    if dq.shape[0] == 1:
-        grad_scale = torch.dot(grad2d.reshape(-1), dq.reshape(-1)).reshape(1)
-    else:
-        grad_scale = (grad2d * dq).sum(1)
-    return grad_scale * grad_factor
+def layer_forward(
+    x: torch.Tensor,
+    x_range: tuple[torch.Tensor, int, int],
+    w: torch.Tensor,
+    w_range: tuple[torch.Tensor, int, int],
+    packed: torch.Tensor | None,
+    compiled: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`lsq_forward` of a layer's input and weight (each with its ``(scale, Qn, Qp)``) in one kernel."""
+    args = [*_quantized(x, *x_range), *_quantized(w, *w_range)]
+    x_hat, w_hat = _run("layer_forward", args, packed, compiled)
+    return x_hat.view(x.shape), w_hat.view(w.shape)
+
+
+def input_backward(
+    x: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int, grad: torch.Tensor, compiled: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(grad_x, Σ grad ⊙ ∂(q·s)/∂s, q·s)`` of a layer's input in one pass (the step's sum without
+    ``grad_factor``)."""
+    args = [*_quantized(x, scale, qmin, qmax), _flat(grad)]
+    grad_x, grad_scale, x_hat = _KERNELS["input_grad"](*args, compiled=compiled)
+    return grad_x.view(x.shape), grad_scale, x_hat.view(x.shape)
+
+
+def input_step_terms(
+    x: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int, compiled: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(∂(q·s)/∂s, q·s)`` shaped like ``x``."""
+    dq, x_hat = _KERNELS["input_step_terms"](*_quantized(x, scale, qmin, qmax), compiled=compiled)
+    return dq.view(x.shape), x_hat.view(x.shape)
 
 
 class _LSQFakeQuantize(torch.autograd.Function):
