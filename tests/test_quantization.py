@@ -389,3 +389,26 @@ def test_frozen_channels_skip_their_weight_gradient_work(kind):
         assert input_only < partial < full
     else:
         assert partial == pytest.approx(input_only + (1 - skipped) * weight_grad, rel=1e-6)
+
+
+def test_fully_frozen_layer_keeps_its_quantized_weight_until_step_or_state_change():
+    """A fully frozen layer's ``q · s`` is made once and reused; writing its step (optimizer, in place) or
+    its state (load_state_dict) makes it anew, always equal to the previous implementation's."""
+    from lsq_reference import reference_forward
+
+    layer, x = _layer("conv", 4, False, "all")
+    x = x.relu()
+    first = layer(x)
+    held = layer._held[1]
+    assert torch.equal(first, reference_forward(layer, x)) and torch.equal(layer(x), first)
+    assert layer._held[1] is held  # reused, not recomputed
+    with torch.no_grad():
+        layer.weight_quantizer.scale.mul_(1.5)
+    assert layer._held[1] is held and torch.equal(layer(x), reference_forward(layer, x))
+    assert layer._held[1] is not held and not torch.equal(layer(x), first)
+    before = layer(x)
+    other = {k: v.clone() for k, v in layer.state_dict().items()}
+    other["lts_state"] = other["lts_state"].flip(0)  # the same frozen levels, other channels
+    layer.load_state_dict(other)
+    after = layer(x)
+    assert not torch.equal(after, before) and torch.equal(after, reference_forward(layer, x))

@@ -66,10 +66,14 @@ class _QuantizedOp(torch.autograd.Function):
     def forward(ctx, x, weight, bias, input_scale, weight_scale, layer):
         aq, wq = layer.input_quantizer, layer.weight_quantizer
         packed, compiled = layer._packed(), aq.fused and wq.fused
-        x_hat, w_hat = layer_forward(
-            x.float(), (input_scale, aq.qmin, aq.qmax), weight.float(), (weight_scale, wq.qmin, wq.qmax),
-            packed, compiled,
-        )  # fmt: skip
+        w_hat = layer._held_weight()
+        if w_hat is None:
+            x_hat, w_hat = layer_forward(
+                x.float(), (input_scale, aq.qmin, aq.qmax), weight.float(), (weight_scale, wq.qmin, wq.qmax),
+                packed, compiled,
+            )  # fmt: skip
+        else:
+            x_hat = lsq_forward(x.float(), input_scale, aq.qmin, aq.qmax, compiled=compiled)
         dtype = _compute_dtype(x.device)
         if dtype == torch.float32:
             out = layer._op(x_hat, w_hat, bias)
@@ -156,6 +160,7 @@ class QuantLayerMixin:
     def _refresh_cache(self) -> None:
         # Python copies, so the forward pass never reads a device tensor to decide its path.
         self._num_frozen = int(state.frozen(self.lts_state).sum())
+        self._held: tuple[tuple[int, ...], torch.Tensor] | None = None
         self._macs_known = bool(self.lts_macs > 0)
         self._refresh_active_channels()
 
@@ -241,6 +246,23 @@ class QuantLayerMixin:
     def _packed(self) -> torch.Tensor | None:
         """The LTS state where some weight is frozen (``None`` saves the kernel the frozen test)."""
         return self.lts_state if self._num_frozen else None
+
+    def _held_weight(self) -> torch.Tensor | None:
+        """``q · s`` of a fully frozen layer, or ``None`` while some weight trains. Nothing in it can move
+        until its state or step size is written (no gradient reaches either), so it is made once and kept
+        for as long as their versions stand: the forward skips a weight-sized pass per step."""
+        if self._num_frozen < self.weight.numel():
+            self._held = None
+            return None
+        scale = self.weight_quantizer.scale
+        key = (self.lts_state._version, scale._version, self.lts_state.data_ptr(), scale.data_ptr())
+        if self._held is None or self._held[0] != key:
+            wq = self.weight_quantizer
+            w_hat = lsq_forward(
+                self.weight.detach().float(), scale.detach(), wq.qmin, wq.qmax, self.lts_state
+            )
+            self._held = (key, w_hat)
+        return self._held[1]
 
     def quantized_weight(self) -> torch.Tensor:
         """The fake-quantized weight: LSQ for trainable weights, ``q · s`` (no gradient) for frozen ones."""

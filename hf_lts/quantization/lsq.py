@@ -151,15 +151,18 @@ def _input_step_terms_math(x, scale, qmin, qmax):
     return dq.view(-1), _dequantize(q, scale)
 
 
-def _frozen(fn: Callable[..., object]) -> Callable[..., object]:
-    """The same math as a distinct function: Dynamo caches compiled graphs per function, so the case with
-    frozen values (one more input) gets a kernel of its own instead of a recompile of the other."""
+# The cases with frozen values (one more input) as functions of their own: Dynamo caches compiled graphs
+# per code object, so each gets its kernel instead of a recompile of the other.
+def _fake_quant_frozen_math(x, scale, qmin, qmax, packed):
+    return _fake_quant_math(x, scale, qmin, qmax, packed)
 
-    def with_frozen_values(*args):
-        return fn(*args)
 
-    with_frozen_values.__name__ = f"{fn.__name__}_frozen"
-    return with_frozen_values
+def _grad_frozen_math(x, scale, qmin, qmax, grad, packed):
+    return _grad_math(x, scale, qmin, qmax, grad, packed)
+
+
+def _layer_forward_frozen_math(x, x_scale, x_min, x_max, w, w_scale, w_min, w_max, packed):
+    return _layer_forward_math(x, x_scale, x_min, x_max, w, w_scale, w_min, w_max, packed)
 
 
 #: The fused kernels, lazily compiled at their first call; each serves every shape, bit width and layer.
@@ -167,11 +170,11 @@ _KERNELS = {
     name: Kernel(fn)
     for name, fn in {
         "fake_quant": _fake_quant_math,
-        "fake_quant_frozen": _frozen(_fake_quant_math),
+        "fake_quant_frozen": _fake_quant_frozen_math,
         "grad": _grad_math,
-        "grad_frozen": _frozen(_grad_math),
+        "grad_frozen": _grad_frozen_math,
         "layer_forward": _layer_forward_math,
-        "layer_forward_frozen": _frozen(_layer_forward_math),
+        "layer_forward_frozen": _layer_forward_frozen_math,
         "input_grad": _input_grad_math,
         "input_step_terms": _input_step_terms_math,
     }.items()
@@ -179,8 +182,9 @@ _KERNELS = {
 
 
 @functools.cache
-def _bounds(qmin: int, qmax: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """``Qn``/``Qp`` as tensors (one compiled kernel serves every bit width), made once per device."""
+def _bounds(qmin: int, qmax: int, device: torch.device, role: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``Qn``/``Qp`` as tensors (one compiled kernel serves every bit width), made once per device and
+    role: a layer's input and weight never share a tensor, which Dynamo would take for a new case."""
     return torch.tensor(float(qmin), device=device), torch.tensor(float(qmax), device=device)
 
 
@@ -190,9 +194,11 @@ def _flat(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1).detach()
 
 
-def _quantized(x: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int) -> list[torch.Tensor]:
+def _quantized(
+    x: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int, role: str = "input"
+) -> list[torch.Tensor]:
     """A kernel's arguments for one quantized tensor."""
-    return [_flat(x), _flat(scale), *_bounds(qmin, qmax, x.device)]
+    return [_flat(x), _flat(scale), *_bounds(qmin, qmax, x.device, role)]
 
 
 def _run(name: str, args: list[torch.Tensor], packed: torch.Tensor | None, compiled: bool):
@@ -239,7 +245,7 @@ def layer_forward(
     compiled: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`lsq_forward` of a layer's input and weight (each with its ``(scale, Qn, Qp)``) in one kernel."""
-    args = [*_quantized(x, *x_range), *_quantized(w, *w_range)]
+    args = [*_quantized(x, *x_range), *_quantized(w, *w_range, role="weight")]
     x_hat, w_hat = _run("layer_forward", args, packed, compiled)
     return x_hat.view(x.shape), w_hat.view(w.shape)
 
