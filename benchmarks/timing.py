@@ -10,7 +10,9 @@ accuracy benchmark's fine-tuning hyperparameters, and reports the wall time of `
 compilation included — with the LTS statistics. ``qat`` is ``LTSConfig(freeze=False)``; ``lts`` is the
 paper's default (linear schedule, warm-up 0.2, momentum 0.99); other variants add `LTSConfig` options.
 The runs follow each other on an otherwise idle machine and the table gives each one's ratio to QAT's;
-``--rounds 2`` runs the whole sequence twice and keeps each variant's best time.
+``--rounds 2`` runs the whole sequence twice and keeps each variant's best time. ``--paired`` runs each
+variant at the same time as its own QAT run, one thread each, so that a host whose speed drifts (a shared
+or virtual machine) slows both alike; the ratio is then within the pair.
 With ``--cold`` every run gets an empty inductor cache (what a first run on a new machine pays);
 without it, the first run fills the on-disk cache and the others reuse it, as a user's later runs do.
 
@@ -97,14 +99,33 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def run(args: argparse.Namespace, model: str, variant: str, cache: str | None) -> dict[str, Any]:
+def _start(args: argparse.Namespace, model: str, variant: str, cache: str | None) -> subprocess.Popen:
     env = dict(os.environ)
     if cache is not None:
         env["TORCHINDUCTOR_CACHE_DIR"] = cache
     command = [sys.executable, "-m", "benchmarks.timing", "--child", "--model", model, "--variant", variant]
     command += ["--steps", str(args.steps), "--bits", str(args.bits), "--threads", str(args.threads)]
-    out = subprocess.run(command, env=env, check=True, stdout=subprocess.PIPE, text=True).stdout
+    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, text=True)
+
+
+def _result(process: subprocess.Popen) -> dict[str, Any]:
+    out, _ = process.communicate()
+    if process.returncode:
+        raise subprocess.CalledProcessError(process.returncode, process.args)
     return json.loads(out.strip().splitlines()[-1])
+
+
+def run(args: argparse.Namespace, model: str, variant: str, cache: str | None) -> dict[str, Any]:
+    return _result(_start(args, model, variant, cache))
+
+
+def run_paired(args: argparse.Namespace, model: str, variant: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """QAT and ``variant`` at the same time, one thread each: whatever the host does to one, it does to the
+    other (on a shared or virtual machine, back-to-back runs drift by more than the effect measured)."""
+    processes = [_start(args, model, v, None) for v in ("qat", variant)]
+    qat, other = (_result(p) for p in processes)
+    other["paired_qat_seconds"] = qat["wall_seconds"]
+    return qat, other
 
 
 def markdown(records: list[dict[str, Any]]) -> str:
@@ -132,6 +153,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--cold", action="store_true", help="an empty inductor cache for every run")
     parser.add_argument("--rounds", type=int, default=1, help="run every variant this often; best time kept")
+    parser.add_argument(
+        "--paired",
+        action="store_true",
+        help="run each variant at the same time as a QAT run, one thread each",
+    )
     parser.add_argument("--output", type=Path, help="write the records as JSON here")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
@@ -142,10 +168,21 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(child(args)))
         return 0
     records = []
+    if args.paired:
+        args.threads = 1
+        for model in args.models:
+            warm = argparse.Namespace(**{**vars(args), "steps": 20})
+            run(warm, model, "qat", None)  # fills the compile cache: neither run of a pair compiles more
+            for variant in [v for v in args.variants if v != "qat"]:
+                for record in run_paired(args, model, variant):
+                    print(json.dumps(record), flush=True)
+                    records.append(record)
     with tempfile.TemporaryDirectory() as tmp:
         for model in args.models:
             best: dict[str, dict[str, Any]] = {}
-            for round_ in range(args.rounds):  # QAT, LTS, …, QAT, LTS, …: drifts in load hit all alike
+            for round_ in range(
+                0 if args.paired else args.rounds
+            ):  # QAT, LTS, …, QAT, LTS, …: drifts in load hit all alike
                 for index, variant in enumerate(args.variants):
                     cache = f"{tmp}/{model}-{index}-{round_}" if args.cold else None
                     record = run(args, model, variant, cache)
@@ -154,7 +191,13 @@ def main(argv: list[str] | None = None) -> int:
                     best[variant] = min(best.get(variant, record), record, key=lambda r: r["wall_seconds"])
                     best[variant]["wall_seconds_all"] = walls
             records += best.values()
-    print(markdown(records))
+    if args.paired:
+        lines = markdown([]).splitlines()[:2]
+        for qat, other in zip(records[::2], records[1::2], strict=True):
+            lines += markdown([qat, other]).splitlines()[2:]
+        print("\n".join(lines))
+    else:
+        print(markdown(records))
     if args.output:
         args.output.parent.mkdir(parents=True, exist_ok=True)
         meta = {

@@ -54,11 +54,16 @@ def test_timing_harness_runs_qat_and_lts_back_to_back(tmp_path):
 
     output = tmp_path / "timing.json"
     args = ["--models", "small-resnet18", "--variants", "qat", "lts-completion", "--steps", "4"]
-    timing.main([*args, "--threads", "1", "--output", str(output)])
+    timing.main([*args, "--threads", "1", "--rounds", "2", "--output", str(output)])
     result = json.loads(output.read_text())
     qat, lts = result["records"]
     assert (qat["variant"], lts["variant"]) == ("qat", "lts-completion") and qat["steps"] == 4
-    assert qat["wall_seconds"] > 0 and lts["wall_seconds"] > 0
+    assert len(qat["wall_seconds_all"]) == 2 and qat["wall_seconds"] == min(qat["wall_seconds_all"]) > 0
     assert qat["frozen_ratio"] == 0 and lts["options"]["channel_completion"] == 0.9
     assert 0 <= lts["backward_flops_saved_realised"] <= lts["backward_flops_saved"] + 1e-9
     assert timing.markdown(result["records"]).count("| small-resnet18 |") == 2
+
+    timing.main([*args, "--paired", "--output", str(output)])  # QAT and LTS at the same time
+    qat, lts = json.loads(output.read_text())["records"]
+    assert (qat["variant"], lts["variant"]) == ("qat", "lts-completion")
+    assert lts["paired_qat_seconds"] == qat["wall_seconds"] > 0
