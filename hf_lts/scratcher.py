@@ -71,11 +71,12 @@ def update_layer_state(
     qmin: int,
     qmax: int,
     restore: bool = True,
-) -> torch.Tensor:
-    """One LTS update of a layer (LTS.md §2–4), in place; returns how many weights froze now.
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One LTS update of a layer (LTS.md §2–4), in place; returns how many weights froze now and how many
+    are frozen per output channel (which channels can skip their weight gradient, or be completed).
 
-    ``weight`` and ``packed`` are flat (1-D) aliases of the layer's weight and state, ``scale`` holds its
-    ``C`` steps, ``key`` seeds the stochastic rounding, ``keep = 1 - m`` (float32), ``threshold`` is ``r(t)``
+    ``weight`` and ``packed`` are ``[out_channels, -1]`` aliases of the layer's weight and state, ``scale``
+    its ``C`` steps, ``key`` seeds the stochastic rounding, ``keep = 1 - m`` (float32), ``threshold`` is ``r(t)``
     in fixed point (int32, ``-1`` while nothing may freeze) and ``restart_observed`` (bool) selects
     ``distance_init="observed"``. The scalars are tensors (or an int) so that one compiled kernel serves
     every layer and step. Frozen weights keep their state and get their held latent value back;
@@ -107,11 +108,11 @@ def update_layer_state(
     newly = ~frozen & (fixed <= threshold)
     low = torch.where(newly, state.bfloat16_bits(q * scale) + state.FROZEN_BIT, fixed)
     new = torch.where(frozen, packed, level * (1 << state.LEVEL_SHIFT) + low)
-    flat_packed.copy_(new.view(-1))
+    flat_packed.copy_(new.view_as(flat_packed))
     if restore:
         held = state.from_bfloat16_bits(new).to(weight.dtype)
-        flat_weight.copy_(torch.where((new & state.FROZEN_BIT) != 0, held, weight).view(-1))
-    return newly.sum()
+        flat_weight.copy_(torch.where((new & state.FROZEN_BIT) != 0, held, weight).view_as(flat_weight))
+    return newly.sum(), ((new & state.FROZEN_BIT) != 0).view_as(flat_packed).sum(1)
 
 
 class LotteryTicketScratcher:
@@ -193,15 +194,16 @@ class LotteryTicketScratcher:
         step = torch.tensor(t, dtype=torch.int64, device=device)
         torch._foreach_copy_([layer.lts_step for layer in self.layers.values()], [step] * len(self.layers))
         if counts:
-            for (layer, _), newly in zip(counts, torch.stack([c for _, c in counts]).tolist(), strict=True):
+            newly_frozen = torch.stack([newly for _, (newly, _) in counts]).tolist()
+            for (layer, (_, per_channel)), newly in zip(counts, newly_frozen, strict=True):
                 if newly:
                     first = layer._num_frozen == 0  # the kernel did not touch its weight: snap them here
                     layer._num_frozen += newly
                     if first:
                         layer._restore_frozen()
-                    layer._refresh_active_channels()
+                    layer._refresh_active_channels(per_channel)
                     if config.channel_completion is not None:
-                        self._complete_channels(layer, config.channel_completion)
+                        self._complete_channels(layer, config.channel_completion, per_channel)
         layers = list(self.layers.values())  # the counters, as one op each rather than one per layer
         torch._foreach_add_(
             [layer.lts_frozen_steps for layer in layers], [layer.num_frozen for layer in layers]
@@ -211,20 +213,20 @@ class LotteryTicketScratcher:
         )
 
     @staticmethod
-    def _complete_channels(layer: QuantLayerMixin, share: float) -> None:
-        """Freeze the rest of every output channel of which at least ``share`` is frozen, at its current
-        level: the channel's weight gradient is then skipped (LTS.md §7, channel completion)."""
-        channels = layer.weight.shape[0]
-        frozen = state.frozen(layer.lts_state).view(channels, -1)
-        ratio = frozen.float().mean(1)
+    def _complete_channels(layer: QuantLayerMixin, share: float, per_channel: torch.Tensor) -> None:
+        """Freeze the rest of every output channel of which at least ``share`` is frozen (``per_channel``
+        frozen weights of ``layer.weight[0].numel()``), at its current level: the channel's weight gradient
+        is then skipped (LTS.md §7, channel completion)."""
+        ratio = per_channel / layer.weight[0].numel()
         complete = (ratio >= share) & (ratio < 1)
         if bool(complete.any()):
+            frozen = state.frozen(layer.lts_state).view(complete.shape[0], -1)
             new = (complete.unsqueeze(1) & ~frozen).view_as(layer.weight)
             layer._freeze_at(new, state.levels(layer.lts_state))
 
     def _flat_args(self, name: str, layer: QuantLayerMixin) -> tuple[torch.Tensor, ...] | None:
-        """Flat, detached aliases of the layer's weight, state and steps (made once: they share storage,
-        so they see every update), or ``None`` for a non-contiguous weight that has none."""
+        """Detached ``[out_channels, -1]`` aliases of the layer's weight and state, and its steps (made once:
+        they share storage, so they see every update), or ``None`` for a non-contiguous weight."""
         cached = self._aliases.get(name)
         weight, packed, scale = layer.weight, layer.lts_state, layer.weight_quantizer.scale
         if cached is None or [a.data_ptr() for a in cached] != [
@@ -234,21 +236,24 @@ class LotteryTicketScratcher:
         ]:
             if not (weight.is_contiguous() and scale.dtype == torch.float32):
                 return None
-            cached = self._aliases[name] = tuple(
-                t.detach().view(-1).detach() for t in (weight, packed, scale)
+            channels = weight.shape[0]
+            cached = self._aliases[name] = (
+                weight.detach().view(channels, -1),
+                packed.view(channels, -1),
+                scale.detach().view(-1),
             )
         return cached
 
     def _update(
         self, name: str, layer: QuantLayerMixin, key: int, scalars: tuple[torch.Tensor, ...]
-    ) -> torch.Tensor:
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         quantizer = layer.weight_quantizer
         flat = self._flat_args(name, layer)
         weight = layer.weight.detach()
         if flat is None:  # a non-contiguous (or non-fp32-step) layer: flat copies, written back below
             flat = (
-                weight.reshape(-1).clone(),
-                layer.lts_state.view(-1).detach(),
+                weight.reshape(weight.shape[0], -1).clone(),
+                layer.lts_state.view(weight.shape[0], -1),
                 quantizer.scale.detach().float(),
             )
         args = (*flat, key, *scalars, quantizer.qmin, quantizer.qmax, layer.num_frozen > 0)

@@ -370,3 +370,25 @@ def test_observed_distance_init_freezes_earlier_in_a_short_run():
         return scratcher.stats()["frozen_ratio"]
 
     assert frozen_after("observed") > frozen_after("one") + 0.1
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_channel_counts_from_the_update_match_the_state(per_channel):
+    """The scratcher takes each layer's skippable and completable channels from the frozen counts its
+    update returns (not from a second pass over the state): the same channels as the state gives."""
+    config = LTSConfig(
+        per_channel=per_channel, distance_momentum=0.5, freeze_warmup_ratio=0.0, channel_completion=0.6
+    )
+    model = prepare_model(tiny_resnet(), config)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    scratcher = LotteryTicketScratcher(model, total_steps=30)
+    train(model, optimizer, scratcher, batches(8, size=16))
+    layers = quantized_layers(model).values()
+    assert any(0 < layer.skipped_channel_ratio < 1 for layer in layers)
+    for layer in layers:
+        active = layer._active_channels
+        layer._refresh_active_channels()  # from the state
+        assert (active is None) == (layer._active_channels is None)
+        assert active is None or torch.equal(active, layer._active_channels)
+        ratio = layer.frozen_mask.view(layer.weight.shape[0], -1).float().mean(1)
+        assert not ((ratio >= 0.6) & (ratio < 1)).any()  # every channel past the share is complete

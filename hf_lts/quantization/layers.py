@@ -169,15 +169,19 @@ class QuantLayerMixin:
     #: do not repay (measured in benchmarks/speed.py).
     min_skipped_share = 0.25
 
-    def _refresh_active_channels(self) -> None:
+    def _refresh_active_channels(self, frozen_per_channel: torch.Tensor | None = None) -> None:
         """``_active_channels``: the output channels whose weight gradient the backward computes — those
         that still have a trainable weight, or ``None`` (all) while fewer than `min_skipped_share` have
-        none; an empty tensor once every weight is frozen."""
+        none; an empty tensor once every weight is frozen. ``frozen_per_channel`` (frozen weights per
+        channel, as the scratcher's update counts them) saves reading the state."""
         if self._num_frozen == 0:
             self._active_channels = None
             return
         channels = self.weight.shape[0]
-        trainable = ~state.frozen(self.lts_state).view(channels, -1).all(1)
+        if frozen_per_channel is None:
+            trainable = ~state.frozen(self.lts_state).view(channels, -1).all(1)
+        else:
+            trainable = frozen_per_channel < self.weight[0].numel()
         active = trainable.nonzero().flatten()
         skipped = 1 - active.numel() / channels
         self._active_channels = None if skipped < self.min_skipped_share and active.numel() else active
