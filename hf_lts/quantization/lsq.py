@@ -139,10 +139,14 @@ def _layer_forward_math(x, x_scale, x_min, x_max, w, w_scale, w_min, w_max, pack
 
 
 def _input_grad_math(x, scale, qmin, qmax, grad):
-    """`_grad_math` of a layer's input, with the quantized input again (the weight gradient needs it)."""
+    """`_grad_math` of a layer's input, the input gradient written over ``grad`` (a buffer the layer owns:
+    no fresh activation-sized allocation, whose page faults cost more than the pass on a CPU), with the
+    quantized input again (the weight gradient needs it)."""
     q, inside, dq = _step_terms(x, scale, qmin, qmax)
-    grad = grad.view(dq.shape)
-    return (grad * inside).view(-1), (grad * dq).sum(1), _dequantize(q, scale)
+    grad2d = grad.view(dq.shape)
+    grad_scale = (grad2d * dq).sum(1)
+    grad.copy_((grad2d * inside).view(-1))
+    return grad_scale, _dequantize(q, scale)
 
 
 def _input_step_terms_math(x, scale, qmin, qmax):
@@ -254,9 +258,9 @@ def input_backward(
     x: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int, grad: torch.Tensor, compiled: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(grad_x, Σ grad ⊙ ∂(q·s)/∂s, q·s)`` of a layer's input in one pass (the step's sum without
-    ``grad_factor``)."""
-    args = [*_quantized(x, scale, qmin, qmax), _flat(grad)]
-    grad_x, grad_scale, x_hat = _KERNELS["input_grad"](*args, compiled=compiled)
+    ``grad_factor``). ``grad_x`` takes the place of ``grad``, which must not be used afterwards."""
+    grad_x = _flat(grad)  # ``grad`` itself where contiguous, else a copy: the kernel writes into it
+    grad_scale, x_hat = _KERNELS["input_grad"](*_quantized(x, scale, qmin, qmax), grad_x, compiled=compiled)
     return grad_x.view(x.shape), grad_scale, x_hat.view(x.shape)
 
 
