@@ -109,10 +109,11 @@ def update_layer_state(
     low = torch.where(newly, state.bfloat16_bits(q * scale) + state.FROZEN_BIT, fixed)
     new = torch.where(frozen, packed, level * (1 << state.LEVEL_SHIFT) + low)
     flat_packed.copy_(new.view_as(flat_packed))
+    frozen_now = (new & state.FROZEN_BIT) != 0
     if restore:
         held = state.from_bfloat16_bits(new).to(weight.dtype)
-        flat_weight.copy_(torch.where((new & state.FROZEN_BIT) != 0, held, weight).view_as(flat_weight))
-    return newly.sum(), ((new & state.FROZEN_BIT) != 0).view_as(flat_packed).sum(1)
+        flat_weight.copy_(torch.where(frozen_now, held, weight).view_as(flat_weight))
+    return newly.sum(), frozen_now.view_as(flat_packed).sum(1)
 
 
 class LotteryTicketScratcher:

@@ -97,16 +97,15 @@ class _QuantizedOp(torch.autograd.Function):
         )
         grad_out, w_c, xf = grad_out.to(dtype), w_hat.to(dtype), x.float()
         grad_x = grad_input_scale = grad_weight = grad_weight_scale = grad_bias = None
-        if need_x:
+        if need_x:  # the input gradient takes the place of ∂L/∂x̂ (no second activation-sized buffer)
             grad_x_hat = layer._grad_input(grad_out, x if x.dtype == dtype else x.shape, w_c).float()
-            grad_x, grad_input_scale, x_hat = input_backward(
-                xf, input_scale, aq.qmin, aq.qmax, grad_x_hat, compiled
-            )
-            grad_x, grad_input_scale = grad_x.to(x.dtype), grad_input_scale * ctx.grad_factor
-            del grad_x_hat  # activation-sized: free it before the weight gradient's workspace
-        elif (
-            need_input_scale
-        ):  # the pixels need no gradient: Σ ∂L/∂x̂ ⊙ dq = Σ ∂L/∂y ⊙ op(dq, ŵ), a forward op
+            grad_x, step_sum, x_hat = input_backward(xf, input_scale, aq.qmin, aq.qmax, grad_x_hat, compiled)
+            grad_x = grad_x.to(x.dtype)
+            del grad_x_hat  # replaced by grad_x (or, were it not contiguous, copied into it): free it now
+            if need_input_scale:
+                grad_input_scale = step_sum * ctx.grad_factor
+        elif need_input_scale:
+            # the pixels need no gradient: Σ ∂L/∂x̂ ⊙ dq = Σ ∂L/∂y ⊙ op(dq, ŵ), a forward op
             dq, x_hat = input_step_terms(xf, input_scale, aq.qmin, aq.qmax, compiled)
             y = layer._op(dq.to(dtype), w_c, None)
             grad_input_scale = torch.dot(grad_out.float().reshape(-1), y.float().reshape(-1)).reshape(1)
@@ -125,8 +124,6 @@ class _QuantizedOp(torch.autograd.Function):
             grad_weight, grad_weight_scale = torch.zeros_like(weight), torch.zeros_like(weight_scale)
         if ctx.needs_input_grad[2]:
             grad_bias = layer._grad_bias(grad_out, x_c, w_c).to(layer.bias.dtype)
-        if not need_input_scale:
-            grad_input_scale = None
         return grad_x, grad_weight, grad_bias, grad_input_scale, grad_weight_scale, None
 
 
