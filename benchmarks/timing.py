@@ -13,8 +13,9 @@ The runs follow each other on an otherwise idle machine and the table gives each
 ``--rounds 2`` runs the whole sequence twice and keeps each variant's best time. ``--paired`` runs each
 variant at the same time as its own QAT run, one thread each, so that a host whose speed drifts (a shared
 or virtual machine) slows both alike; the ratio is then within the pair.
-With ``--cold`` every run gets an empty inductor cache (what a first run on a new machine pays);
-without it, the first run fills the on-disk cache and the others reuse it, as a user's later runs do.
+With ``--cold`` every run gets empty build caches (the native CPU kernels and `torch.compile`'s: what a
+first run on a new machine pays); without them, the first run fills the on-disk caches and the others
+reuse them, as a user's later runs do.
 
 Models: ``small-resnet18`` and ``small-mobilenet_v2`` are the accuracy benchmark's (28 px, batch 64);
 ``resnet18`` is ResNet-18 at full width, 64 px, batch 32.
@@ -101,8 +102,9 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
 
 def _start(args: argparse.Namespace, model: str, variant: str, cache: str | None) -> subprocess.Popen:
     env = dict(os.environ)
-    if cache is not None:
-        env["TORCHINDUCTOR_CACHE_DIR"] = cache
+    if cache is not None:  # nothing built: neither the native kernels nor compiled ones
+        env["TORCHINDUCTOR_CACHE_DIR"] = f"{cache}/inductor"
+        env["TORCH_EXTENSIONS_DIR"] = f"{cache}/extensions"
     command = [sys.executable, "-m", "benchmarks.timing", "--child", "--model", model, "--variant", variant]
     command += ["--steps", str(args.steps), "--bits", str(args.bits), "--threads", str(args.threads)]
     return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, text=True)
@@ -151,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=600, help="optimizer steps per run")
     parser.add_argument("--bits", type=int, default=4, help="weight and activation bits")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--cold", action="store_true", help="an empty inductor cache for every run")
+    parser.add_argument("--cold", action="store_true", help="empty build caches (native kernels, inductor) for every run")
     parser.add_argument("--rounds", type=int, default=1, help="run every variant this often; best time kept")
     parser.add_argument(
         "--paired",

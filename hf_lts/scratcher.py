@@ -7,7 +7,6 @@ It works on the LTS state buffers of a prepared model and knows nothing of the T
 from __future__ import annotations
 
 import math
-import warnings
 from typing import Any
 
 import torch
@@ -16,7 +15,7 @@ from torch import nn
 from .config import LTSConfig
 from .quantization import state
 from .quantization.layers import QuantLayerMixin
-from .quantization.lsq import SCALE_EPS, compile_default
+from .quantization.lsq import SCALE_EPS, Kernel, compile_default
 from .quantization.prepare import quantized_layers
 
 
@@ -65,9 +64,9 @@ def update_layer_state(
     packed: torch.Tensor,
     scale: torch.Tensor,
     key: int,
-    keep: torch.Tensor,
-    threshold: torch.Tensor,
-    restart_observed: torch.Tensor,
+    keep: float,
+    threshold: int,
+    restart_observed: bool,
     qmin: int,
     qmax: int,
     restore: bool = True,
@@ -76,10 +75,9 @@ def update_layer_state(
     are frozen per output channel (which channels can skip their weight gradient, or be completed).
 
     ``weight`` and ``packed`` are ``[out_channels, -1]`` aliases of the layer's weight and state, ``scale``
-    its ``C`` steps, ``key`` seeds the stochastic rounding, ``keep = 1 - m`` (float32), ``threshold`` is ``r(t)``
-    in fixed point (int32, ``-1`` while nothing may freeze) and ``restart_observed`` (bool) selects
-    ``distance_init="observed"``. The scalars are tensors (or an int) so that one compiled kernel serves
-    every layer and step. Frozen weights keep their state and get their held latent value back;
+    its ``C`` steps, ``key`` seeds the stochastic rounding, ``keep = 1 - m`` (rounded to float32), ``threshold``
+    is ``r(t)`` in fixed point (``-1`` while nothing may freeze) and ``restart_observed`` selects
+    ``distance_init="observed"`` (a compiled kernel takes the last three as 0-d tensors). Frozen weights keep their state and get their held latent value back;
     trainable ones update their distance EMA in fixed point,
 
         d ← d + floor((1 - m) · (d_now - d) + u),    u ~ U[0, 1)   (stochastic rounding),
@@ -99,7 +97,7 @@ def update_layer_state(
     q = torch.round(v).clamp_(qmin, qmax)
     d_now = (v - q).abs_().clamp_(max=state.DISTANCE_MAX).mul_(state.DISTANCE_ONE)
     old = packed & state.DISTANCE_MASK
-    rate = torch.where(restart_observed & (old == state.DISTANCE_ONE), 1.0, keep)
+    rate = torch.where((old == state.DISTANCE_ONE) & restart_observed, 1.0, keep)
     index = torch.arange(packed.numel(), device=packed.device).view(packed.shape)
     delta = torch.floor(rate * (d_now - old.float()) + _hash_uniform(index, key))
     fixed = (old + delta.to(torch.int32)).clamp_(0, state.DISTANCE_MASK)
@@ -116,6 +114,9 @@ def update_layer_state(
     return newly.sum(), frozen_now.view_as(flat_packed).sum(1)
 
 
+_UPDATE = Kernel(update_layer_state, "update_layer_state", {4: torch.float32, 5: torch.int32, 6: torch.bool})
+
+
 class LotteryTicketScratcher:
     """Tracks how far each quantized weight is from its level and freezes the settled ones.
 
@@ -123,8 +124,9 @@ class LotteryTicketScratcher:
         model: a model prepared with `hf_lts.prepare_model`.
         config: its `LTSConfig` (default: ``model.lts_config``).
         total_steps: ``T``, the run's number of optimizer steps (sets warm-up and schedule).
-        compile: run the per-layer update as one fused `torch.compile` kernel (bit-identical to eager).
-            ``None``: unless ``HF_LTS_COMPILE=0``. If compiling fails, the scratcher warns and stays eager.
+        compile: run the per-layer update as one fused kernel (native on a CPU, `torch.compile` elsewhere;
+            bit-identical to eager). ``None``: unless ``HF_LTS_COMPILE=0``. If that fails, it warns and
+            stays eager.
 
     All state, the step counter included, lives in the layers' buffers: a model restored from a
     ``state_dict`` mid-run continues exactly, and a new scratcher over it picks up where it was.
@@ -152,11 +154,7 @@ class LotteryTicketScratcher:
         if not isinstance(total_steps, int) or total_steps < 1:
             raise ValueError(f"total_steps={total_steps!r}: pass the run's number of optimizer steps (≥ 1).")
         self.total_steps = total_steps
-        if compile is None:
-            compile = compile_default()
-        self._kernel = (
-            torch.compile(update_layer_state, dynamic=True, fullgraph=True) if compile else update_layer_state
-        )
+        self._compile = compile_default() if compile is None else compile
         # weight._version after our last write, per fully frozen layer: unchanged means no optimizer
         # touched it (its gradient was None), so there is nothing to restore.
         self._restored_version: dict[str, int] = {}
@@ -175,13 +173,9 @@ class LotteryTicketScratcher:
         threshold = freeze_threshold(config, t, self.total_steps) if config.freeze else None
         device = next(iter(self.layers.values())).lts_state.device
         scalars = (
-            torch.tensor(1.0 - config.distance_momentum, dtype=torch.float32, device=device),
-            torch.tensor(
-                -1 if threshold is None else math.floor(threshold * state.DISTANCE_ONE),
-                dtype=torch.int32,
-                device=device,
-            ),
-            torch.tensor(config.distance_init == "observed", device=device),
+            1.0 - config.distance_momentum,
+            -1 if threshold is None else math.floor(threshold * state.DISTANCE_ONE),
+            config.distance_init == "observed",
         )
         counts = []
         for index, (name, layer) in enumerate(self.layers.items()):
@@ -235,7 +229,7 @@ class LotteryTicketScratcher:
             packed.data_ptr(),
             scale.data_ptr(),
         ]:
-            if not (weight.is_contiguous() and scale.dtype == torch.float32):
+            if not (weight.is_contiguous() and weight.dtype == scale.dtype == torch.float32):
                 return None
             channels = weight.shape[0]
             cached = self._aliases[name] = (
@@ -246,28 +240,19 @@ class LotteryTicketScratcher:
         return cached
 
     def _update(
-        self, name: str, layer: QuantLayerMixin, key: int, scalars: tuple[torch.Tensor, ...]
+        self, name: str, layer: QuantLayerMixin, key: int, scalars: tuple[float, int, bool]
     ) -> tuple[torch.Tensor, torch.Tensor]:
         quantizer = layer.weight_quantizer
         flat = self._flat_args(name, layer)
         weight = layer.weight.detach()
-        if flat is None:  # a non-contiguous (or non-fp32-step) layer: flat copies, written back below
+        if flat is None:  # a non-contiguous (or non-fp32) layer: flat fp32 copies, written back below
             flat = (
-                weight.reshape(weight.shape[0], -1).clone(),
+                weight.reshape(weight.shape[0], -1).to(torch.float32, copy=True),
                 layer.lts_state.view(weight.shape[0], -1),
                 quantizer.scale.detach().float(),
             )
         args = (*flat, key, *scalars, quantizer.qmin, quantizer.qmax, layer.num_frozen > 0)
-        try:
-            newly = self._kernel(*args)
-        except Exception as err:  # a missing compiler shows up at the first call
-            if self._kernel is update_layer_state:
-                raise
-            warnings.warn(
-                f"torch.compile of the LTS update failed ({err!r}); running it eagerly.", stacklevel=3
-            )
-            self._kernel = update_layer_state
-            newly = self._kernel(*args)
+        newly = _UPDATE(*args, compiled=self._compile)
         if flat[0].data_ptr() != weight.data_ptr():
             weight.copy_(flat[0].view_as(weight))
         return newly

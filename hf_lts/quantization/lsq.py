@@ -12,11 +12,12 @@ are recomputed from the input there, in the same pass that applies them: the inp
 preceding ReLU or convolution keeps it), whereas a saved mask and derivative cost 5 bytes per element. The
 step's gradient ``Σ grad ⊙ ∂(q·s)/∂s`` is reduced in that pass too, so ``∂(q·s)/∂s`` is never written.
 
-Speed: a quantized layer's forward (input and weight) is one kernel and its backward two (input, weight),
-run as `torch.compile` kernels where a compiler works (every model size; ``HF_LTS_COMPILE=0`` or a failed
-compile leaves them eager). They are pure functions of tensors, compiled with dynamic shapes, so that a
-handful of kernels serves every layer, bit width and batch size. Compiled and eager give the same bits
-except in the step's gradient, a sum whose order differs (a few units in the last place).
+Speed: a quantized layer's forward (input and weight) is one kernel and its backward two (input, weight).
+On a CPU they are native kernels (`hf_lts.quantization.native`, about 1 µs per call where a
+`torch.compile` kernel costs 25–45 µs of Python and guard work); on other devices `torch.compile` kernels
+(dynamic shapes: a handful serves every layer, bit width and batch size). ``HF_LTS_COMPILE=0``, or a
+failed build, leaves them eager. Fused and eager give the same bits except in the step's gradient, a sum
+whose order differs (a few units in the last place).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-from . import state
+from . import native, state
 
 #: Lower bound on a step size: keeps ``1/s`` finite if an optimizer drives ``s`` through zero.
 SCALE_EPS = 1e-8
@@ -44,31 +45,58 @@ def compile_default() -> bool:
 
 
 class Kernel:
-    """A pure tensor function run as one `torch.compile` kernel (dynamic shapes), or eagerly.
+    """A pure tensor function run as one fused kernel: native on a CPU (`hf_lts.quantization.native`, the
+    op ``native``), `torch.compile` elsewhere (dynamic shapes), or eagerly.
 
-    Compiling is lazy (the first call) and shared by every caller; if it fails — no compiler on the
-    machine — the kernel warns once and stays eager, with the same results.
+    Arguments at the positions in ``scalars`` are Python numbers; the compiled kernel takes them as 0-d
+    tensors of the given dtype (one graph for every value; a tensor per position and value, since Dynamo
+    would recompile for two arguments that are one tensor). The native op writes the arguments at the
+    positions in ``mutates`` in place, and their version counters are bumped for it. Compiling is lazy (the first call) and shared
+    by every caller; if it fails the kernel warns once and stays eager, with the same results.
     """
 
-    def __init__(self, fn: Callable[..., object]) -> None:
-        self.fn = fn
+    def __init__(
+        self,
+        fn: Callable[..., object],
+        native: str,
+        scalars: dict[int, torch.dtype],
+        mutates: tuple[int, ...] = (),
+    ) -> None:
+        self.fn, self.native, self.scalars, self.mutates = fn, native, scalars, mutates
         self._compiled: Callable[..., object] | None | bool = None
         functools.update_wrapper(self, fn)
 
     def __call__(self, *args: object, compiled: bool = True) -> object:
-        # Under a dispatch mode (FlopCounterMode, fake tensors, …) Dynamo does not run: eager, this once.
+        # Under a dispatch mode (FlopCounterMode, fake tensors, …) a fused kernel does not run: eager, this once.
         if not compiled or self._compiled is False or _get_current_dispatch_mode() is not None:
             return self.fn(*args)
+        device = args[0].device
+        if device.type == "cpu":
+            ops = native.ops()
+            if ops is None:
+                return self.fn(*args)
+            out = getattr(ops, self.native)(*args)
+            if self.mutates:
+                torch.autograd.graph.increment_version([args[i] for i in self.mutates])
+            return out
         if self._compiled is None:
             self._compiled = torch.compile(self.fn, dynamic=True, fullgraph=True)
+        tensors = [
+            _scalar(a, self.scalars[i], device, i) if i in self.scalars else a for i, a in enumerate(args)
+        ]
         try:
-            return self._compiled(*args)
+            return self._compiled(*tensors)
         except Exception as err:  # a missing or broken compiler shows up at the first call
             warnings.warn(
                 f"torch.compile of {self.fn.__name__} failed ({err!r}); running it eagerly.", stacklevel=2
             )
             self._compiled = False
             return self.fn(*args)
+
+
+@functools.lru_cache(maxsize=1024)
+def _scalar(value: float, dtype: torch.dtype, device: torch.device, position: int) -> torch.Tensor:
+    return torch.tensor(value, dtype=dtype, device=device)
 
 
 def signed_range(bits: int) -> tuple[int, int]:
@@ -169,27 +197,32 @@ def _layer_forward_frozen_math(x, x_scale, x_min, x_max, w, w_scale, w_min, w_ma
     return _layer_forward_math(x, x_scale, x_min, x_max, w, w_scale, w_min, w_max, packed)
 
 
-#: The fused kernels, lazily compiled at their first call; each serves every shape, bit width and layer.
+_BOUNDS = {2: torch.float32, 3: torch.float32}  # (Qn, Qp) of the first tensor; one kernel, every bit width
+
+#: The fused kernels; each serves every shape, bit width and layer.
 _KERNELS = {
-    name: Kernel(fn)
-    for name, fn in {
-        "fake_quant": _fake_quant_math,
-        "fake_quant_frozen": _fake_quant_frozen_math,
-        "grad": _grad_math,
-        "grad_frozen": _grad_frozen_math,
-        "layer_forward": _layer_forward_math,
-        "layer_forward_frozen": _layer_forward_frozen_math,
-        "input_grad": _input_grad_math,
-        "input_step_terms": _input_step_terms_math,
-    }.items()
+    name: Kernel(fn, *spec)
+    for name, fn, *spec in (
+        ("fake_quant", _fake_quant_math, "fake_quant", _BOUNDS),
+        ("fake_quant_frozen", _fake_quant_frozen_math, "fake_quant", _BOUNDS),
+        ("grad", _grad_math, "grad", _BOUNDS),
+        ("grad_frozen", _grad_frozen_math, "grad", _BOUNDS),
+        (
+            "layer_forward",
+            _layer_forward_math,
+            "layer_forward",
+            {**_BOUNDS, 6: torch.float32, 7: torch.float32},
+        ),
+        (
+            "layer_forward_frozen",
+            _layer_forward_frozen_math,
+            "layer_forward",
+            {**_BOUNDS, 6: torch.float32, 7: torch.float32},
+        ),
+        ("input_grad", _input_grad_math, "input_grad", _BOUNDS, (4,)),
+        ("input_step_terms", _input_step_terms_math, "input_step_terms", _BOUNDS),
+    )
 }
-
-
-@functools.cache
-def _bounds(qmin: int, qmax: int, device: torch.device, role: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """``Qn``/``Qp`` as tensors (one compiled kernel serves every bit width), made once per device and
-    role: a layer's input and weight never share a tensor, which Dynamo would take for a new case."""
-    return torch.tensor(float(qmin), device=device), torch.tensor(float(qmax), device=device)
 
 
 def _flat(t: torch.Tensor) -> torch.Tensor:
@@ -198,11 +231,9 @@ def _flat(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1).detach()
 
 
-def _quantized(
-    x: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int, role: str = "input"
-) -> list[torch.Tensor]:
+def _quantized(x: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int) -> list[torch.Tensor | int]:
     """A kernel's arguments for one quantized tensor."""
-    return [_flat(x), _flat(scale), *_bounds(qmin, qmax, x.device, role)]
+    return [_flat(x), _flat(scale).float(), qmin, qmax]
 
 
 def _run(name: str, args: list[torch.Tensor], packed: torch.Tensor | None, compiled: bool):
@@ -249,7 +280,7 @@ def layer_forward(
     compiled: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`lsq_forward` of a layer's input and weight (each with its ``(scale, Qn, Qp)``) in one kernel."""
-    args = [*_quantized(x, *x_range), *_quantized(w, *w_range, role="weight")]
+    args = [*_quantized(x, *x_range), *_quantized(w, *w_range)]
     x_hat, w_hat = _run("layer_forward", args, packed, compiled)
     return x_hat.view(x.shape), w_hat.view(w.shape)
 

@@ -1,0 +1,382 @@
+// Native CPU kernels of hf_lts: LSQ fake quantization (forward, backward) and the LTS state update.
+//
+// They compute exactly what the eager functions in lsq.py and scratcher.py compute (single IEEE float ops,
+// round half to even, no contraction into FMAs), one pass each. They exist because on a CPU a
+// torch.compile kernel costs 25-45 us of Python and guard work per call, several times the work itself
+// on a small layer; a dispatcher call costs about 1 us. Sums are taken over fixed chunks and combined in
+// a fixed order, so every result is independent of the thread count (DDP ranks, resume).
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <tuple>
+#include <vector>
+
+namespace {
+
+constexpr float kScaleEps = 1e-8f;  // lsq.SCALE_EPS
+constexpr int32_t kLevelShift = 24;  // state.LEVEL_SHIFT
+constexpr int32_t kFrozenBit = 1 << 23;
+constexpr int32_t kDistanceMask = kFrozenBit - 1;
+constexpr int32_t kDistanceOne = 1 << 19;
+constexpr float kDistanceMax = static_cast<float>(kDistanceMask) / static_cast<float>(kDistanceOne);
+constexpr uint32_t kHashMultiplier = 0x45D9F3B;
+constexpr int64_t kChunk = 1 << 14;  // elements per task (and per partial sum)
+constexpr int64_t kLanes = 16;       // independent accumulators: a vectorised reduction
+
+// One tensor seen as [rows, per_row] with one step per channel; a channel is ``rows / channels`` rows.
+struct Layout {
+  int64_t channels, rows, per_row, chunks;  // chunks per row
+  int64_t tasks() const { return rows * chunks; }
+  int64_t channel(int64_t row) const { return row / (rows / channels); }
+};
+
+Layout layout(const at::Tensor& x, const at::Tensor& scale, int64_t rows = 0) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && scale.scalar_type() == at::kFloat,
+              "hf_lts kernels take float32 tensors, got ", x.scalar_type(), " and ", scale.scalar_type());
+  TORCH_CHECK(x.is_contiguous() && scale.is_contiguous(), "hf_lts kernels take contiguous tensors");
+  const int64_t channels = scale.numel();
+  rows = rows == 0 ? channels : rows;
+  TORCH_CHECK(channels > 0 && rows % channels == 0 && x.numel() % rows == 0, "hf_lts: ", x.numel(),
+              " values do not split into ", rows, " rows of ", channels, " channels");
+  const int64_t per_row = x.numel() / rows;
+  return {channels, rows, per_row, std::max<int64_t>(1, (per_row + kChunk - 1) / kChunk)};
+}
+
+// The clamped step of every channel: ``clamp(scale, min=SCALE_EPS)``.
+std::vector<float> steps(const at::Tensor& scale) {
+  const float* s = scale.data_ptr<float>();
+  std::vector<float> out(scale.numel());
+  for (int64_t c = 0; c < scale.numel(); ++c) out[c] = s[c] < kScaleEps ? kScaleEps : s[c];
+  return out;
+}
+
+// Runs ``fn(row, begin, end, task)`` over every chunk of every row, in parallel.
+template <typename Fn>
+void for_each_chunk(const Layout& l, Fn fn) {
+  const int64_t grain = std::max<int64_t>(1, kChunk / std::max<int64_t>(1, l.per_row));
+  at::parallel_for(0, l.tasks(), grain, [&](int64_t first, int64_t last) {
+    for (int64_t task = first; task < last; ++task) {
+      const int64_t row = task / l.chunks, j = task % l.chunks;
+      const int64_t begin = row * l.per_row + j * kChunk;
+      const int64_t end = row * l.per_row + std::min(l.per_row, (j + 1) * kChunk);
+      fn(row, begin, end, task);
+    }
+  });
+}
+
+// Per-channel sums of the chunks' partial sums, in chunk order.
+at::Tensor channel_sums(const Layout& l, const std::vector<double>& partial, const at::Tensor& like) {
+  at::Tensor out = at::empty({l.channels}, like.options());
+  float* o = out.data_ptr<float>();
+  for (int64_t c = 0; c < l.channels; ++c) {  // here rows == channels
+    double sum = 0;
+    for (int64_t j = 0; j < l.chunks; ++j) sum += partial[c * l.chunks + j];
+    o[c] = static_cast<float>(sum);
+  }
+  return out;
+}
+
+inline float level_of(int32_t packed) { return static_cast<float>(packed >> kLevelShift); }
+inline bool is_frozen(int32_t packed) { return (packed & kFrozenBit) != 0; }
+
+// ``round(v)`` and the clamped level ``q`` of ``v = x · (1/s)``.
+inline void quantize(float x, float r, float qmin, float qmax, float& v, float& rounded, float& q) {
+  v = x * r;
+  rounded = std::nearbyint(v);
+  q = rounded < qmin ? qmin : rounded;
+  q = q > qmax ? qmax : q;
+}
+
+// ``q · s`` of ``x`` (frozen values, with ``kFrozen``, at their held level in ``packed``) into ``out``.
+template <bool kFrozen>
+void fake_quant_into(const at::Tensor& x, const at::Tensor& scale, double qmin_d, double qmax_d,
+                     const int32_t* __restrict packed, at::Tensor& out) {
+  const Layout l = layout(x, scale);
+  const std::vector<float> s = steps(scale);
+  const float qmin = static_cast<float>(qmin_d), qmax = static_cast<float>(qmax_d);
+  const float* __restrict xp = x.data_ptr<float>();
+  float* __restrict op = out.data_ptr<float>();
+  for_each_chunk(l, [&](int64_t c, int64_t begin, int64_t end, int64_t) {
+    const float sc = s[c], r = 1.0f / sc;
+    for (int64_t i = begin; i < end; ++i) {
+      float v, rounded, q;
+      quantize(xp[i], r, qmin, qmax, v, rounded, q);
+      if constexpr (kFrozen) q = is_frozen(packed[i]) ? level_of(packed[i]) : q;
+      op[i] = q * sc;
+    }
+  });
+}
+
+const int32_t* packed_ptr(const std::optional<at::Tensor>& packed, const at::Tensor& x) {
+  if (!packed.has_value()) return nullptr;
+  TORCH_CHECK(packed->scalar_type() == at::kInt && packed->is_contiguous() && packed->numel() == x.numel(),
+              "hf_lts: the LTS state must be a contiguous int32 tensor shaped like the weight");
+  return packed->data_ptr<int32_t>();
+}
+
+at::Tensor fake_quant(const at::Tensor& x, const at::Tensor& scale, double qmin, double qmax,
+                      const std::optional<at::Tensor>& packed) {
+  at::Tensor out = at::empty_like(x);
+  if (packed.has_value()) {
+    fake_quant_into<true>(x, scale, qmin, qmax, packed_ptr(packed, x), out);
+  } else {
+    fake_quant_into<false>(x, scale, qmin, qmax, nullptr, out);
+  }
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> layer_forward(const at::Tensor& x, const at::Tensor& x_scale, double x_min,
+                                                 double x_max, const at::Tensor& w, const at::Tensor& w_scale,
+                                                 double w_min, double w_max,
+                                                 const std::optional<at::Tensor>& packed) {
+  return {fake_quant(x, x_scale, x_min, x_max, std::nullopt), fake_quant(w, w_scale, w_min, w_max, packed)};
+}
+
+// ``q``, the straight-through mask ``inside`` (0 or 1) and ``∂(q·s)/∂s`` of one value; with ``kFrozen``,
+// a frozen value is at its level with neither gradient.
+template <bool kFrozen>
+inline void step_terms(float x, float r, float qmin, float qmax, int32_t packed, float& q, float& inside,
+                       float& dq) {
+  float v, rounded;
+  quantize(x, r, qmin, qmax, v, rounded, q);
+  const bool in = q == rounded;
+  dq = in ? rounded - v : q;
+  inside = in ? 1.0f : 0.0f;
+  if constexpr (kFrozen) {
+    const bool frozen = is_frozen(packed);
+    q = frozen ? level_of(packed) : q;
+    inside = frozen ? 0.0f : inside;
+    dq = frozen ? 0.0f : dq;
+  }
+}
+
+// The backward of one tensor. ``grad_at(i, inside)`` writes what it must and returns the gradient that
+// multiplies ``∂(q·s)/∂s`` in the step's sum; ``extra(i, q·s)`` receives the quantized value.
+template <bool kFrozen, typename Grad, typename Extra>
+at::Tensor backward_pass(const at::Tensor& x, const at::Tensor& scale, double qmin_d, double qmax_d,
+                         const int32_t* __restrict packed, Grad grad_at, Extra extra) {
+  const Layout l = layout(x, scale);
+  const std::vector<float> s = steps(scale);
+  const float qmin = static_cast<float>(qmin_d), qmax = static_cast<float>(qmax_d);
+  const float* __restrict xp = x.data_ptr<float>();
+  std::vector<double> partial(l.tasks());
+  for_each_chunk(l, [&](int64_t c, int64_t begin, int64_t end, int64_t task) {
+    const float sc = s[c], r = 1.0f / sc;
+    const auto element = [&](int64_t i) {
+      float q, inside, dq;
+      step_terms<kFrozen>(xp[i], r, qmin, qmax, kFrozen ? packed[i] : 0, q, inside, dq);
+      extra(i, q * sc);
+      return grad_at(i, inside) * dq;
+    };
+    float acc[kLanes] = {};
+    int64_t i = begin;
+    for (; i + kLanes <= end; i += kLanes) {
+      for (int64_t k = 0; k < kLanes; ++k) acc[k] += element(i + k);
+    }
+    double sum = 0;
+    for (; i < end; ++i) sum += element(i);
+    for (int64_t k = 0; k < kLanes; ++k) sum += acc[k];
+    partial[task] = sum;
+  });
+  return channel_sums(l, partial, x);
+}
+
+// ``(∂L/∂x, Σ grad ⊙ ∂(q·s)/∂s per step)`` of a weight from the gradient of its fake-quantized value.
+std::tuple<at::Tensor, at::Tensor> weight_grad(const at::Tensor& x, const at::Tensor& scale, double qmin,
+                                               double qmax, const at::Tensor& grad,
+                                               const std::optional<at::Tensor>& packed) {
+  TORCH_CHECK(grad.scalar_type() == at::kFloat && grad.is_contiguous() && grad.numel() == x.numel(),
+              "hf_lts: the gradient must be a contiguous float32 tensor shaped like the input");
+  at::Tensor grad_x = at::empty_like(x);
+  const float* __restrict g = grad.data_ptr<float>();
+  float* __restrict gx = grad_x.data_ptr<float>();
+  const auto grad_at = [&](int64_t i, float inside) {
+    gx[i] = g[i] * inside;
+    return g[i];
+  };
+  const auto nothing = [](int64_t, float) {};
+  at::Tensor grad_scale =
+      packed.has_value()
+          ? backward_pass<true>(x, scale, qmin, qmax, packed_ptr(packed, x), grad_at, nothing)
+          : backward_pass<false>(x, scale, qmin, qmax, nullptr, grad_at, nothing);
+  return {grad_x, grad_scale};
+}
+
+// A layer input's backward: the input gradient written over ``grad``, the step's sum, and ``q·s``.
+std::tuple<at::Tensor, at::Tensor> input_grad(const at::Tensor& x, const at::Tensor& scale, double qmin,
+                                              double qmax, at::Tensor& grad) {
+  TORCH_CHECK(grad.scalar_type() == at::kFloat && grad.is_contiguous() && grad.numel() == x.numel(),
+              "hf_lts: the gradient must be a contiguous float32 tensor shaped like the input");
+  at::Tensor x_hat = at::empty_like(x);
+  float* __restrict g = grad.data_ptr<float>();
+  float* __restrict xh = x_hat.data_ptr<float>();
+  at::Tensor grad_scale = backward_pass<false>(
+      x, scale, qmin, qmax, nullptr,
+      [&](int64_t i, float inside) {
+        const float gi = g[i];
+        g[i] = gi * inside;
+        return gi;
+      },
+      [&](int64_t i, float x_q) { xh[i] = x_q; });
+  return {grad_scale, x_hat};
+}
+
+// ``(∂(q·s)/∂s, q·s)`` of an input that needs no gradient.
+std::tuple<at::Tensor, at::Tensor> input_step_terms(const at::Tensor& x, const at::Tensor& scale, double qmin_d,
+                                                    double qmax_d) {
+  const Layout l = layout(x, scale);
+  const std::vector<float> s = steps(scale);
+  const float qmin = static_cast<float>(qmin_d), qmax = static_cast<float>(qmax_d);
+  at::Tensor dq_out = at::empty_like(x), x_hat = at::empty_like(x);
+  const float* __restrict xp = x.data_ptr<float>();
+  float* __restrict dqp = dq_out.data_ptr<float>();
+  float* __restrict xh = x_hat.data_ptr<float>();
+  for_each_chunk(l, [&](int64_t c, int64_t begin, int64_t end, int64_t) {
+    const float sc = s[c], r = 1.0f / sc;
+    for (int64_t i = begin; i < end; ++i) {
+      float v, rounded, q;
+      quantize(xp[i], r, qmin, qmax, v, rounded, q);
+      dqp[i] = q == rounded ? rounded - v : q;
+      xh[i] = q * sc;
+    }
+  });
+  return {dq_out, x_hat};
+}
+
+inline uint32_t float_bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  return u;
+}
+
+inline float bits_float(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+// state.bfloat16_bits / state.from_bfloat16_bits.
+inline int32_t bfloat16_bits(float x) {
+  const uint32_t bits = float_bits(x);
+  return static_cast<int32_t>(((bits + (0x7FFFu + ((bits >> 16) & 1u))) >> 16) & 0xFFFFu);
+}
+
+inline float from_bfloat16_bits(int32_t bits) {
+  const float magnitude = bits_float((static_cast<uint32_t>(bits) & 0x7FFFu) << 16);
+  return (bits & 0x8000) != 0 ? -magnitude : magnitude;
+}
+
+// scratcher._hash_uniform.
+inline float hash_uniform(int64_t index, int64_t key) {
+  uint32_t h = static_cast<uint32_t>(index) + static_cast<uint32_t>(key);  // (index + key) mod 2^32
+  h ^= h >> 16;
+  h *= kHashMultiplier;
+  h ^= h >> 16;
+  h *= kHashMultiplier;
+  h ^= h >> 16;
+  return static_cast<float>(h >> 8) * 0x1p-24f;
+}
+
+// The LTS update of ``[begin, end)``, in place (see update_layer_state); returns (newly frozen, frozen).
+template <bool kRestore>
+inline std::pair<int64_t, int64_t> update_range(float* __restrict w, int32_t* __restrict p, int64_t begin,
+                                                int64_t end, float sc, int64_t key, float keep, int64_t threshold,
+                                                bool restart_observed, float qmin, float qmax) {
+  const float r = 1.0f / sc;
+  int32_t newly = 0, frozen_count = 0;  // a chunk has fewer than 2^31 values
+  for (int64_t i = begin; i < end; ++i) {
+    const int32_t old_state = p[i];
+    float v, rounded, q;
+    quantize(w[i], r, qmin, qmax, v, rounded, q);
+    float d_now = std::fabs(v - q);
+    d_now = d_now > kDistanceMax ? kDistanceMax : d_now;
+    d_now = d_now * static_cast<float>(kDistanceOne);
+    const int32_t old = old_state & kDistanceMask;
+    const float rate = (restart_observed & (old == kDistanceOne)) ? 1.0f : keep;
+    const float delta = std::floor(rate * (d_now - static_cast<float>(old)) + hash_uniform(i, key));
+    int32_t fixed = old + static_cast<int32_t>(delta);
+    fixed = fixed < 0 ? 0 : fixed;
+    fixed = fixed > kDistanceMask ? kDistanceMask : fixed;
+    const int32_t level = static_cast<int32_t>(q);
+    fixed = level != (old_state >> kLevelShift) ? kDistanceOne : fixed;
+    const bool frozen = is_frozen(old_state);
+    const bool now = !frozen & (fixed <= threshold);
+    const int32_t low = now ? bfloat16_bits(q * sc) + kFrozenBit : fixed;
+    const int32_t trainable =
+        static_cast<int32_t>((static_cast<uint32_t>(level) << kLevelShift) + static_cast<uint32_t>(low));
+    const int32_t next = frozen ? old_state : trainable;
+    p[i] = next;
+    const bool frozen_next = is_frozen(next);
+    if constexpr (kRestore) w[i] = frozen_next ? from_bfloat16_bits(next) : w[i];
+    newly += now;
+    frozen_count += frozen_next;
+  }
+  return {newly, frozen_count};
+}
+
+// scratcher.update_layer_state: one LTS update of a layer, in place; (newly frozen, frozen per output
+// channel). The counts are taken per row of ``packed`` (an output channel), whatever the steps.
+std::tuple<at::Tensor, at::Tensor> update_layer_state(at::Tensor& weight, at::Tensor& packed,
+                                                      const at::Tensor& scale, int64_t key, double keep,
+                                                      int64_t threshold, bool restart_observed, int64_t qmin,
+                                                      int64_t qmax, bool restore) {
+  TORCH_CHECK(packed.scalar_type() == at::kInt && packed.is_contiguous() && packed.numel() == weight.numel(),
+              "hf_lts: the LTS state must be a contiguous int32 tensor shaped like the weight");
+  const Layout l = layout(weight, scale, packed.size(0));
+  const std::vector<float> s = steps(scale);
+  float* w = weight.data_ptr<float>();
+  int32_t* p = packed.data_ptr<int32_t>();
+  std::vector<int64_t> newly(l.tasks()), frozen_count(l.tasks());
+  for_each_chunk(l, [&](int64_t row, int64_t begin, int64_t end, int64_t task) {
+    const auto args = std::make_tuple(w, p, begin, end, s[l.channel(row)], key, static_cast<float>(keep),
+                                      threshold, restart_observed, static_cast<float>(qmin),
+                                      static_cast<float>(qmax));
+    std::tie(newly[task], frozen_count[task]) =
+        restore ? std::apply(update_range<true>, args) : std::apply(update_range<false>, args);
+  });
+  at::Tensor newly_total = at::empty({}, packed.options().dtype(at::kLong));
+  at::Tensor per_row = at::empty({l.rows}, packed.options().dtype(at::kLong));
+  int64_t total = 0;
+  int64_t* pr = per_row.data_ptr<int64_t>();
+  for (int64_t row = 0; row < l.rows; ++row) {
+    int64_t count = 0;
+    for (int64_t j = 0; j < l.chunks; ++j) {
+      total += newly[row * l.chunks + j];
+      count += frozen_count[row * l.chunks + j];
+    }
+    pr[row] = count;
+  }
+  *newly_total.data_ptr<int64_t>() = total;
+  return {newly_total, per_row};
+}
+
+}  // namespace
+
+TORCH_LIBRARY(hf_lts, m) {
+  m.def("fake_quant(Tensor x, Tensor scale, float qmin, float qmax, Tensor? packed=None) -> Tensor");
+  m.def(
+      "layer_forward(Tensor x, Tensor x_scale, float x_min, float x_max, Tensor w, Tensor w_scale, float w_min, "
+      "float w_max, Tensor? packed=None) -> (Tensor, Tensor)");
+  m.def("grad(Tensor x, Tensor scale, float qmin, float qmax, Tensor grad, Tensor? packed=None) -> (Tensor, Tensor)");
+  m.def("input_grad(Tensor x, Tensor scale, float qmin, float qmax, Tensor(a!) grad) -> (Tensor, Tensor)");
+  m.def("input_step_terms(Tensor x, Tensor scale, float qmin, float qmax) -> (Tensor, Tensor)");
+  m.def(
+      "update_layer_state(Tensor(a!) weight, Tensor(b!) packed, Tensor scale, int key, float keep, int threshold, "
+      "bool restart_observed, int qmin, int qmax, bool restore) -> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(hf_lts, CPU, m) {
+  m.impl("fake_quant", &fake_quant);
+  m.impl("layer_forward", &layer_forward);
+  m.impl("grad", &weight_grad);
+  m.impl("input_grad", &input_grad);
+  m.impl("input_step_terms", &input_step_terms);
+  m.impl("update_layer_state", &update_layer_state);
+}
