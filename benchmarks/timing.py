@@ -153,7 +153,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=600, help="optimizer steps per run")
     parser.add_argument("--bits", type=int, default=4, help="weight and activation bits")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--cold", action="store_true", help="empty build caches (native kernels, inductor) for every run")
+    parser.add_argument(
+        "--cold", action="store_true", help="empty build caches (native kernels, inductor) for every run"
+    )
     parser.add_argument("--rounds", type=int, default=1, help="run every variant this often; best time kept")
     parser.add_argument(
         "--paired",
