@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from .config import LTSConfig
-from .quantization import state
+from .quantization import native, state
 from .quantization.layers import QuantLayerMixin
 from .quantization.lsq import SCALE_EPS, Kernel, compile_default
 from .quantization.prepare import quantized_layers
@@ -177,20 +177,20 @@ class LotteryTicketScratcher:
             -1 if threshold is None else math.floor(threshold * state.DISTANCE_ONE),
             config.distance_init == "observed",
         )
-        counts = []
+        updates = []  # (layer, name, key) of the layers with a trainable weight
         for index, (name, layer) in enumerate(self.layers.items()):
             if not config.freeze:
                 layer._restore_frozen()
             elif layer.num_frozen < layer.weight.numel():
-                counts.append((layer, self._update(name, layer, _step_key(t, index), scalars)))
+                updates.append((layer, name, _step_key(t, index)))
             elif self._restored_version.get(name) != layer.weight._version:
                 layer._restore_frozen()
                 self._restored_version[name] = layer.weight._version
         step = torch.tensor(t, dtype=torch.int64, device=device)
         torch._foreach_copy_([layer.lts_step for layer in self.layers.values()], [step] * len(self.layers))
-        if counts:
-            newly_frozen = torch.stack([newly for _, (newly, _) in counts]).tolist()
-            for (layer, (_, per_channel)), newly in zip(counts, newly_frozen, strict=True):
+        if updates:
+            newly_frozen, per_channels = self._update(updates, scalars)
+            for (layer, _, _), newly, per_channel in zip(updates, newly_frozen, per_channels, strict=True):
                 if newly:
                     first = layer._num_frozen == 0  # the kernel did not touch its weight: snap them here
                     layer._num_frozen += newly
@@ -240,22 +240,44 @@ class LotteryTicketScratcher:
         return cached
 
     def _update(
-        self, name: str, layer: QuantLayerMixin, key: int, scalars: tuple[float, int, bool]
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        quantizer = layer.weight_quantizer
-        flat = self._flat_args(name, layer)
-        weight = layer.weight.detach()
-        if flat is None:  # a non-contiguous (or non-fp32) layer: flat fp32 copies, written back below
-            flat = (
-                weight.reshape(weight.shape[0], -1).to(torch.float32, copy=True),
-                layer.lts_state.view(weight.shape[0], -1),
-                quantizer.scale.detach().float(),
-            )
-        args = (*flat, key, *scalars, quantizer.qmin, quantizer.qmax, layer.num_frozen > 0)
-        newly = _UPDATE(*args, compiled=self._compile)
-        if flat[0].data_ptr() != weight.data_ptr():
-            weight.copy_(flat[0].view_as(weight))
-        return newly
+        self, updates: list[tuple[QuantLayerMixin, str, int]], scalars: tuple[float, int, bool]
+    ) -> tuple[list[int], list[torch.Tensor]]:
+        """`update_layer_state` of ``updates`` (layer, name, hash key): weights frozen now per layer, and
+        frozen weights per output channel. On a CPU one native call updates every layer."""
+        layers = [layer for layer, _, _ in updates]
+        flats = []
+        for layer, name, _ in updates:
+            flat = self._flat_args(name, layer)
+            if flat is None:  # a non-contiguous (or non-fp32) layer: flat fp32 copies, written back below
+                weight = layer.weight.detach()
+                flat = (
+                    weight.reshape(weight.shape[0], -1).to(torch.float32, copy=True),
+                    layer.lts_state.view(weight.shape[0], -1),
+                    layer.weight_quantizer.scale.detach().float(),
+                )
+            flats.append(flat)
+        bounds = [(layer.weight_quantizer.qmin, layer.weight_quantizer.qmax) for layer in layers]
+        restore = [layer.num_frozen > 0 for layer in layers]
+        ops = native.ops() if self._compile and layers[0].weight.device.type == "cpu" else None
+        if ops is not None:
+            weights, packed, scales = (list(column) for column in zip(*flats, strict=True))
+            newly, per_channel = ops.update_layers(
+                weights, packed, scales, [key for _, _, key in updates], *scalars,
+                *([list(b) for b in zip(*bounds, strict=True)]), [int(r) for r in restore],
+            )  # fmt: skip
+            torch.autograd.graph.increment_version(weights + packed)  # written in place by the native op
+            newly = newly.tolist()
+        else:
+            results = [
+                _UPDATE(*flat, key, *scalars, *bound, again, compiled=self._compile)
+                for flat, (_, _, key), bound, again in zip(flats, updates, bounds, restore, strict=True)
+            ]
+            newly = torch.stack([n for n, _ in results]).tolist()
+            per_channel = [c for _, c in results]
+        for layer, flat in zip(layers, flats, strict=True):
+            if flat[0].data_ptr() != layer.weight.data_ptr():
+                layer.weight.detach().copy_(flat[0].view_as(layer.weight))
+        return newly, per_channel
 
     def stats(self) -> dict[str, Any]:
         """Frozen ratio now, and the weight updates and backward FLOPs saved so far (LTS.md §5).

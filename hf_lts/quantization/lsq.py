@@ -46,7 +46,7 @@ def compile_default() -> bool:
 
 class Kernel:
     """A pure tensor function run as one fused kernel: native on a CPU (`hf_lts.quantization.native`, the
-    op ``native``), `torch.compile` elsewhere (dynamic shapes), or eagerly.
+    op ``native``; eager without one), `torch.compile` elsewhere (dynamic shapes), or eagerly.
 
     Arguments at the positions in ``scalars`` are Python numbers; the compiled kernel takes them as 0-d
     tensors of the given dtype (one graph for every value; a tensor per position and value, since Dynamo
@@ -58,7 +58,7 @@ class Kernel:
     def __init__(
         self,
         fn: Callable[..., object],
-        native: str,
+        native: str | None,
         scalars: dict[int, torch.dtype],
         mutates: tuple[int, ...] = (),
     ) -> None:
@@ -72,7 +72,7 @@ class Kernel:
             return self.fn(*args)
         device = args[0].device
         if device.type == "cpu":
-            ops = native.ops()
+            ops = native.ops() if self.native is not None else None
             if ops is None:
                 return self.fn(*args)
             out = getattr(ops, self.native)(*args)
