@@ -286,6 +286,8 @@ def _layer(kind, bits, per_channel, frozen):
         module, x = nn.Conv2d(8, 12, 3, padding=1, stride=2, bias=True), torch.randn(4, 8, 10, 10)
     elif kind == "depthwise":
         module, x = nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False), torch.randn(4, 8, 10, 10)
+    elif kind == "grouped":  # no single-channel skipping: frozen channels still get (zero) gradients
+        module, x = nn.Conv2d(8, 12, 3, padding=1, groups=2, bias=False), torch.randn(4, 8, 10, 10)
     else:
         module, x = nn.Linear(20, 12), torch.randn(6, 20)
     cls = QuantLinear if kind == "linear" else QuantConv2d
@@ -302,7 +304,7 @@ def _layer(kind, bits, per_channel, frozen):
     return layer, x
 
 
-@pytest.mark.parametrize("kind", ["conv", "depthwise", "linear"])
+@pytest.mark.parametrize("kind", ["conv", "depthwise", "grouped", "linear"])
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize("per_channel", [False, True])
 @pytest.mark.parametrize("signed", [True, False])

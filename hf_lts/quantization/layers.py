@@ -16,8 +16,9 @@ Input quantization, weight quantization and the convolution / matmul run as one 
 - the layer's input is the only activation it keeps; the quantized input is recomputed in the backward
   (memory as in fp32, where the layer keeps its input too);
 - the weight gradient is computed only for output channels that still have a trainable weight (a slice of
-  the output gradient), none for a fully frozen layer; a frozen weight contributes ``q · s`` with ``s``
-  detached, so its gradient is zero and it adds nothing to the step's gradient;
+  the output gradient, and a weight backward kernel that reads only those rows), none for a fully frozen
+  layer; a frozen weight contributes ``q · s`` with ``s`` detached, so its gradient is zero and it adds
+  nothing to the step's gradient;
 - the input gradient only where something needs it (not for the first layer's pixels; there the input
   step's gradient comes from the adjoint identity ``Σ ∂L/∂x̂ ⊙ ∂x̂/∂s = Σ ∂L/∂y ⊙ conv(∂x̂/∂s, ŵ)``, one
   forward convolution instead of a transposed one).
@@ -39,6 +40,7 @@ from .lsq import (
     input_step_terms,
     layer_forward,
     lsq_backward,
+    lsq_backward_rows,
     lsq_forward,
 )
 
@@ -114,11 +116,13 @@ class _QuantizedOp(torch.autograd.Function):
         else:
             x_hat = lsq_forward(xf, input_scale, aq.qmin, aq.qmax, compiled=compiled)
         x_c = x_hat.to(dtype)
-        if need_weight:
+        if need_weight:  # for the channels with a trainable weight (all, or ``active``) only
             grad_w_hat = layer._grad_weight(grad_out, x_c, w_c, active).float()
-            grad_weight, grad_weight_scale = lsq_backward(
-                weight.float(), weight_scale, wq.qmin, wq.qmax, wq.grad_factor, grad_w_hat, packed, compiled
-            )
+            wf, args = weight.float(), (weight_scale, wq.qmin, wq.qmax, wq.grad_factor, grad_w_hat, packed)
+            if active is None:
+                grad_weight, grad_weight_scale = lsq_backward(wf, *args, compiled)
+            else:
+                grad_weight, grad_weight_scale = lsq_backward_rows(wf, *args, active, compiled)
             grad_weight = grad_weight.to(weight.dtype)
         elif _distributed():  # DDP expects a gradient for every parameter on every step: an exact zero
             grad_weight, grad_weight_scale = torch.zeros_like(weight), torch.zeros_like(weight_scale)
@@ -169,8 +173,9 @@ class QuantLayerMixin:
     def _refresh_active_channels(self, frozen_per_channel: torch.Tensor | None = None) -> None:
         """``_active_channels``: the output channels whose weight gradient the backward computes — those
         that still have a trainable weight, or ``None`` (all) while fewer than `min_skipped_share` have
-        none; an empty tensor once every weight is frozen. ``frozen_per_channel`` (frozen weights per
-        channel, as the scratcher's update counts them) saves reading the state."""
+        none or where the layer cannot skip single channels; an empty tensor once every weight is frozen.
+        ``frozen_per_channel`` (frozen weights per channel, as the scratcher's update counts them) saves
+        reading the state."""
         if self._num_frozen == 0:
             self._active_channels = None
             return
@@ -181,7 +186,9 @@ class QuantLayerMixin:
             trainable = frozen_per_channel < self.weight[0].numel()
         active = trainable.nonzero().flatten()
         skipped = 1 - active.numel() / channels
-        self._active_channels = None if skipped < self.min_skipped_share and active.numel() else active
+        partial = active.numel() > 0  # (none left: the whole layer's weight gradient is skipped)
+        keep_all = skipped < self.min_skipped_share or not self._skips_channels
+        self._active_channels = None if partial and keep_all else active
 
     #: Whether the backward skips the weight gradient of single frozen output channels (else only of a
     #: fully frozen layer).
@@ -192,7 +199,7 @@ class QuantLayerMixin:
         """Share of output channels whose weight-gradient computation the backward skips now."""
         if self._num_frozen == self.weight.numel():
             return 1.0
-        if self._active_channels is None or not self._skips_channels:
+        if self._active_channels is None:
             return 0.0
         return 1.0 - self._active_channels.numel() / self.weight.shape[0]
 
@@ -322,15 +329,13 @@ class QuantConv2d(QuantLayerMixin, nn.Conv2d):
         self, grad_out: torch.Tensor, x: torch.Tensor, w: torch.Tensor, active: torch.Tensor | None
     ) -> torch.Tensor:
         depthwise = self.groups == self.in_channels == self.out_channels
-        if active is None or not self._skips_channels:
+        if active is None:
             return self._conv_backward(grad_out, x, w, self.groups, [False, True, False])[1]
-        grad = torch.zeros_like(w)
         x_part = x.index_select(1, active) if depthwise else x
         groups = active.numel() if depthwise else 1
-        part = self._conv_backward(
+        return self._conv_backward(
             grad_out.index_select(1, active), x_part, w.index_select(0, active), groups, [False, True, False]
         )[1]
-        return grad.index_copy_(0, active, part)
 
     def _grad_bias(self, grad_out: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         return self._conv_backward(grad_out, x, w, self.groups, [False, False, True])[2]
@@ -357,8 +362,7 @@ class QuantLinear(QuantLayerMixin, nn.Linear):
         g2, x2 = grad_out.reshape(-1, grad_out.shape[-1]), x.reshape(-1, x.shape[-1])
         if active is None:
             return g2.t().mm(x2)
-        grad = torch.zeros_like(w)
-        return grad.index_copy_(0, active, g2.index_select(1, active).t().mm(x2))
+        return g2.index_select(1, active).t().mm(x2)
 
     def _grad_bias(self, grad_out: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         return grad_out.reshape(-1, grad_out.shape[-1]).sum(0)

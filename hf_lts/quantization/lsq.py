@@ -166,6 +166,14 @@ def _layer_forward_math(x, x_scale, x_min, x_max, w, w_scale, w_min, w_max, pack
     return _fake_quant_math(x, x_scale, x_min, x_max), _fake_quant_math(w, w_scale, w_min, w_max, packed)
 
 
+def _grad_rows_math(x, scale, qmin, qmax, grad, packed, rows):
+    """`_grad_math` of a weight ``x`` (``[R, K]``) of which only ``rows`` have a gradient, ``grad``
+    (``[len(rows), K]``): the other rows are fully frozen, with zero gradients."""
+    full = torch.zeros_like(x)
+    full.index_copy_(0, rows, grad.view(-1, x.shape[1]))
+    return _grad_math(x, scale, qmin, qmax, full, packed)
+
+
 def _input_grad_math(x, scale, qmin, qmax, grad):
     """`_grad_math` of a layer's input, the input gradient written over ``grad`` (a buffer the layer owns:
     no fresh activation-sized allocation, whose page faults cost more than the pass on a CPU), with the
@@ -219,6 +227,7 @@ _KERNELS = {
             "layer_forward",
             {**_BOUNDS, 6: torch.float32, 7: torch.float32},
         ),
+        ("grad_rows", _grad_rows_math, "grad_rows", _BOUNDS),
         ("input_grad", _input_grad_math, "input_grad", _BOUNDS, (4,)),
         ("input_step_terms", _input_step_terms_math, "input_step_terms", _BOUNDS),
     )
@@ -269,6 +278,24 @@ def lsq_backward(
     args = [*_quantized(x, scale, qmin, qmax), _flat(grad)]
     grad_x, grad_scale = _run("grad", args, packed, compiled)
     return grad_x.view(x.shape), grad_scale * grad_factor
+
+
+def lsq_backward_rows(
+    w: torch.Tensor,
+    scale: torch.Tensor,
+    qmin: int,
+    qmax: int,
+    grad_factor: float,
+    grad_rows: torch.Tensor,
+    packed: torch.Tensor,
+    rows: torch.Tensor,
+    compiled: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`lsq_backward` of a weight whose output channels other than ``rows`` are fully frozen, from the
+    gradient of those rows only (``grad_rows``): the frozen rows are not read, their gradients are zero."""
+    args = [w.detach().reshape(w.shape[0], -1), _flat(scale).float(), qmin, qmax, _flat(grad_rows)]
+    grad_w, grad_scale = _KERNELS["grad_rows"](*args, _flat(packed), rows, compiled=compiled)
+    return grad_w.view(w.shape), grad_scale * grad_factor
 
 
 def layer_forward(

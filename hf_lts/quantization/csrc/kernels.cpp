@@ -13,6 +13,7 @@
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -72,15 +73,13 @@ void for_each_chunk(const Layout& l, Fn fn) {
   });
 }
 
-// Per-channel sums of the chunks' partial sums, in chunk order.
+// Per-channel sums of the chunks' partial sums, in task order (a channel's rows, each row's chunks).
 at::Tensor channel_sums(const Layout& l, const std::vector<double>& partial, const at::Tensor& like) {
+  std::vector<double> sums(l.channels, 0.0);
+  for (int64_t task = 0; task < l.tasks(); ++task) sums[l.channel(task / l.chunks)] += partial[task];
   at::Tensor out = at::empty({l.channels}, like.options());
   float* o = out.data_ptr<float>();
-  for (int64_t c = 0; c < l.channels; ++c) {  // here rows == channels
-    double sum = 0;
-    for (int64_t j = 0; j < l.chunks; ++j) sum += partial[c * l.chunks + j];
-    o[c] = static_cast<float>(sum);
-  }
+  for (int64_t c = 0; c < l.channels; ++c) o[c] = static_cast<float>(sums[c]);
   return out;
 }
 
@@ -158,33 +157,41 @@ inline void step_terms(float x, float r, float qmin, float qmax, int32_t packed,
   }
 }
 
-// The backward of one tensor. ``grad_at(i, inside)`` writes what it must and returns the gradient that
-// multiplies ``∂(q·s)/∂s`` in the step's sum; ``extra(i, q·s)`` receives the quantized value.
+// The backward of the values ``[begin, end)`` (one step ``sc``): ``grad_at(i, inside)`` writes what it must
+// and returns the gradient that multiplies ``∂(q·s)/∂s`` in the step's sum, returned; ``extra(i, q·s)``
+// receives the quantized value.
 template <bool kFrozen, typename Grad, typename Extra>
-at::Tensor backward_pass(const at::Tensor& x, const at::Tensor& scale, double qmin_d, double qmax_d,
-                         const int32_t* __restrict packed, Grad grad_at, Extra extra) {
+inline double backward_chunk(const float* __restrict xp, const int32_t* __restrict packed, int64_t begin,
+                             int64_t end, float sc, float qmin, float qmax, Grad grad_at, Extra extra) {
+  const float r = 1.0f / sc;
+  const auto element = [&](int64_t i) {
+    float q, inside, dq;
+    step_terms<kFrozen>(xp[i], r, qmin, qmax, kFrozen ? packed[i] : 0, q, inside, dq);
+    extra(i, q * sc);
+    return grad_at(i, inside) * dq;
+  };
+  float acc[kLanes] = {};
+  int64_t i = begin;
+  for (; i + kLanes <= end; i += kLanes) {
+    for (int64_t k = 0; k < kLanes; ++k) acc[k] += element(i + k);
+  }
+  double sum = 0;
+  for (; i < end; ++i) sum += element(i);
+  for (int64_t k = 0; k < kLanes; ++k) sum += acc[k];
+  return sum;
+}
+
+// The backward of one tensor (see backward_chunk); returns the step's sum per channel.
+template <bool kFrozen, typename Grad, typename Extra>
+at::Tensor backward_pass(const at::Tensor& x, const at::Tensor& scale, double qmin, double qmax,
+                         const int32_t* packed, Grad grad_at, Extra extra) {
   const Layout l = layout(x, scale);
   const std::vector<float> s = steps(scale);
-  const float qmin = static_cast<float>(qmin_d), qmax = static_cast<float>(qmax_d);
-  const float* __restrict xp = x.data_ptr<float>();
+  const float* xp = x.data_ptr<float>();
   std::vector<double> partial(l.tasks());
   for_each_chunk(l, [&](int64_t c, int64_t begin, int64_t end, int64_t task) {
-    const float sc = s[c], r = 1.0f / sc;
-    const auto element = [&](int64_t i) {
-      float q, inside, dq;
-      step_terms<kFrozen>(xp[i], r, qmin, qmax, kFrozen ? packed[i] : 0, q, inside, dq);
-      extra(i, q * sc);
-      return grad_at(i, inside) * dq;
-    };
-    float acc[kLanes] = {};
-    int64_t i = begin;
-    for (; i + kLanes <= end; i += kLanes) {
-      for (int64_t k = 0; k < kLanes; ++k) acc[k] += element(i + k);
-    }
-    double sum = 0;
-    for (; i < end; ++i) sum += element(i);
-    for (int64_t k = 0; k < kLanes; ++k) sum += acc[k];
-    partial[task] = sum;
+    partial[task] = backward_chunk<kFrozen>(xp, packed, begin, end, s[c], static_cast<float>(qmin),
+                                            static_cast<float>(qmax), grad_at, extra);
   });
   return channel_sums(l, partial, x);
 }
@@ -208,6 +215,48 @@ std::tuple<at::Tensor, at::Tensor> weight_grad(const at::Tensor& x, const at::Te
           ? backward_pass<true>(x, scale, qmin, qmax, packed_ptr(packed, x), grad_at, nothing)
           : backward_pass<false>(x, scale, qmin, qmax, nullptr, grad_at, nothing);
   return {grad_x, grad_scale};
+}
+
+// `weight_grad` of a weight ``[rows, K]`` of which only ``rows_with_grad`` (the output channels with a
+// trainable weight) have a gradient, ``grad`` (``[len(rows_with_grad), K]``); every other row is fully
+// frozen, so its gradients are zero and it is not read.
+std::tuple<at::Tensor, at::Tensor> weight_grad_rows(const at::Tensor& x, const at::Tensor& scale, double qmin,
+                                                    double qmax, const at::Tensor& grad, const at::Tensor& packed,
+                                                    const at::Tensor& rows_with_grad) {
+  TORCH_CHECK(x.dim() == 2, "hf_lts: weight_grad_rows takes the weight as [rows, K]");
+  const Layout l = layout(x, scale, x.size(0));
+  TORCH_CHECK(rows_with_grad.scalar_type() == at::kLong && rows_with_grad.is_contiguous(),
+              "hf_lts: the rows must be a contiguous int64 tensor");
+  const int64_t active = rows_with_grad.numel();
+  TORCH_CHECK(grad.scalar_type() == at::kFloat && grad.is_contiguous() && grad.numel() == active * l.per_row,
+              "hf_lts: the gradient must be a contiguous float32 tensor of the rows given");
+  const int32_t* p = packed_ptr(packed, x);
+  std::vector<int64_t> slot(l.rows, -1);  // row → its row in ``grad``
+  const int64_t* rows = rows_with_grad.data_ptr<int64_t>();
+  for (int64_t a = 0; a < active; ++a) {
+    TORCH_CHECK(rows[a] >= 0 && rows[a] < l.rows, "hf_lts: row ", rows[a], " out of range");
+    slot[rows[a]] = a;
+  }
+  const std::vector<float> s = steps(scale);
+  const float* xp = x.data_ptr<float>();
+  const float* __restrict g = grad.data_ptr<float>();
+  at::Tensor grad_x = at::empty_like(x);
+  float* __restrict gx = grad_x.data_ptr<float>();
+  std::vector<double> partial(l.tasks(), 0.0);
+  for_each_chunk(l, [&](int64_t row, int64_t begin, int64_t end, int64_t task) {
+    if (slot[row] < 0) {
+      std::fill(gx + begin, gx + end, 0.0f);
+      return;
+    }
+    const int64_t shift = (row - slot[row]) * l.per_row;  // value i of this row is grad[i - shift]
+    const auto grad_at = [&](int64_t i, float inside) {
+      gx[i] = g[i - shift] * inside;
+      return g[i - shift];
+    };
+    partial[task] = backward_chunk<true>(xp, p, begin, end, s[l.channel(row)], static_cast<float>(qmin),
+                                         static_cast<float>(qmax), grad_at, [](int64_t, float) {});
+  });
+  return {grad_x, channel_sums(l, partial, x)};
 }
 
 // A layer input's backward: the input gradient written over ``grad``, the step's sum, and ``q·s``.
@@ -389,6 +438,9 @@ TORCH_LIBRARY(hf_lts, m) {
       "layer_forward(Tensor x, Tensor x_scale, float x_min, float x_max, Tensor w, Tensor w_scale, float w_min, "
       "float w_max, Tensor? packed=None) -> (Tensor, Tensor)");
   m.def("grad(Tensor x, Tensor scale, float qmin, float qmax, Tensor grad, Tensor? packed=None) -> (Tensor, Tensor)");
+  m.def(
+      "grad_rows(Tensor x, Tensor scale, float qmin, float qmax, Tensor grad, Tensor packed, Tensor rows) -> "
+      "(Tensor, Tensor)");
   m.def("input_grad(Tensor x, Tensor scale, float qmin, float qmax, Tensor(a!) grad) -> (Tensor, Tensor)");
   m.def("input_step_terms(Tensor x, Tensor scale, float qmin, float qmax) -> (Tensor, Tensor)");
   m.def(
@@ -400,6 +452,7 @@ TORCH_LIBRARY_IMPL(hf_lts, CPU, m) {
   m.impl("fake_quant", &fake_quant);
   m.impl("layer_forward", &layer_forward);
   m.impl("grad", &weight_grad);
+  m.impl("grad_rows", &weight_grad_rows);
   m.impl("input_grad", &input_grad);
   m.impl("input_step_terms", &input_step_terms);
   m.impl("update_layers", &update_layers);
