@@ -4,13 +4,14 @@ import math
 
 import pytest
 import torch
+import torch.utils.cpp_extension
 from tiny_models import tiny_mobilenet, tiny_resnet
 from torch import nn
 from torch.nn import functional as F
 
 from hf_lts import LTSConfig, QuantConv2d, QuantLinear, prepare_model
-from hf_lts.quantization import quantized_layers
-from hf_lts.quantization.lsq import fake_quantize, signed_range, unsigned_range
+from hf_lts.quantization import native, quantized_layers
+from hf_lts.quantization.lsq import fake_quantize, lsq_forward, signed_range, unsigned_range
 
 
 def lsq_reference(x, scale, qmin, qmax, grad_factor, grad_out):
@@ -242,11 +243,10 @@ def test_partly_frozen_weight_follows_levels_and_only_trainable_weights_feed_the
     torch.testing.assert_close(wq.scale.grad.double(), ref_ds, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("per_channel", [False, True])
 def test_fused_fake_quantization_is_bit_identical_to_eager(per_channel):
-    """The compiled kernels (`fused`) give the eager passes' outputs and input gradients bit for bit, and
-    their step gradients up to summation order."""
+    """The fused kernels (native on a CPU) give the eager passes' outputs and input gradients bit for bit,
+    and their step gradients up to summation order."""
     torch.manual_seed(0)
     x = torch.randn(64, 32, 3, 3)
     scale = torch.rand(64 if per_channel else 1) * 0.1 + 0.02
@@ -360,6 +360,33 @@ def test_compiled_and_eager_layers_are_bit_identical(frozen):
         results.append(_grads(layer, x.relu().requires_grad_()))
     for name, value in results[0].items():
         _assert_same(name, value, results[1][name])
+
+
+def test_the_fused_kernels_are_the_native_ones_on_this_cpu():
+    """Where a C++ compiler is (here, CI) the fused CPU kernels are the native ops: the bit-identity tests
+    above compare them, not eager against eager."""
+    assert native.ops() is not None
+    with torch.profiler.profile() as prof:
+        lsq_forward(torch.randn(64), torch.tensor([0.1]), -8, 7)
+    assert "hf_lts::fake_quant" in {event.name for event in prof.events()}
+
+
+def test_a_failed_native_build_warns_and_runs_eagerly(monkeypatch):
+    monkeypatch.setattr(native, "_loaded", None)  # as in a fresh process
+
+    def no_compiler(**kwargs):
+        raise RuntimeError("no C++ compiler found")
+
+    monkeypatch.setattr(torch.utils.cpp_extension, "load", no_compiler)
+    with pytest.warns(UserWarning, match="could not build its CPU kernels.*no C\\+\\+ compiler found"):
+        assert native.ops() is None
+    assert native.ops() is None  # decided once
+    layer, x = _layer("conv", 4, True, "channels")
+    fused = _grads(layer, x.relu().requires_grad_())
+    layer.weight_quantizer.fused = layer.input_quantizer.fused = False
+    eager = _grads(layer, x.relu().requires_grad_())
+    for name, value in fused.items():
+        assert value is None and eager[name] is None or torch.equal(value, eager[name]), name
 
 
 @pytest.mark.parametrize("kind", ["conv", "depthwise", "linear"])

@@ -204,16 +204,24 @@ def test_frozen_weights_bit_exact_under_any_optimizer(make_optimizer):
     assert scratcher.stats()["frozen_ratio"] > 0.25
 
 
-@pytest.mark.slow
-def test_compiled_update_is_bit_identical_to_eager():
-    """The fused `torch.compile` kernel and the eager path are the same function: same bits."""
-    config = LTSConfig(weight_bits=3, distance_momentum=0.8, freeze_warmup_ratio=0.1, per_channel=True)
+@pytest.mark.parametrize("per_channel", [False, True])
+@pytest.mark.parametrize("distance_init", ["one", "observed"])
+def test_fused_update_is_bit_identical_to_eager(per_channel, distance_init):
+    """The fused update (on a CPU one native call for every layer) and the eager per-layer function are the
+    same computation: same bits in every weight, state and counter."""
+    config = LTSConfig(
+        weight_bits=3, distance_momentum=0.8, freeze_warmup_ratio=0.1, per_channel=per_channel,
+        distance_init=distance_init,
+    )  # fmt: skip
     runs = []
     for compile in (False, True):
         model = prepare_model(tiny_resnet(), config)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
         scratcher = LotteryTicketScratcher(model, total_steps=10, compile=compile)
-        train(model, optimizer, scratcher, batches(10, seed=5))
+        with torch.profiler.profile() as prof:
+            train(model, optimizer, scratcher, batches(10, seed=5))
+        native_calls = sum(event.name == "hf_lts::update_layers" for event in prof.events())
+        assert native_calls == (10 if compile else 0)
         runs.append((model.state_dict(), scratcher.stats()))
     (eager, eager_stats), (compiled, compiled_stats) = runs
     assert eager_stats["frozen_ratio"] > 0 and eager_stats == compiled_stats

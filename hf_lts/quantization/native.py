@@ -11,6 +11,8 @@ takes about 30 s once; later processes load the cached library. Where it fails, 
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 import warnings
 from pathlib import Path
 
@@ -32,6 +34,10 @@ def ops() -> object | None:
         try:
             from torch.utils.cpp_extension import load
 
+            if shutil.which("ninja") is None:  # pip's ninja where its scripts folder is not on PATH
+                import ninja
+
+                os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
             logger.info("Loading hf_lts's CPU kernels (built once per machine, about 30 s).")
             load(
                 name="hf_lts_kernels",
