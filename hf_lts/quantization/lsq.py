@@ -13,7 +13,7 @@ preceding ReLU or convolution keeps it), whereas a saved mask and derivative cos
 step's gradient ``Σ grad ⊙ ∂(q·s)/∂s`` is reduced in that pass too, so ``∂(q·s)/∂s`` is never written.
 
 Speed: a quantized layer's forward (input and weight) is one kernel and its backward two (input, weight).
-On a CPU they are native kernels (`hf_lts.quantization.native`, about 1 µs per call where a
+On a CPU they are native kernels (`hf_lts.quantization.native`, about 3 µs per call where a
 `torch.compile` kernel costs 25–45 µs of Python and guard work); on other devices `torch.compile` kernels
 (dynamic shapes: a handful serves every layer, bit width and batch size). ``HF_LTS_COMPILE=0``, or a
 failed build, leaves them eager. Fused and eager give the same bits except in the step's gradient, a sum

@@ -1,11 +1,11 @@
 """hf_lts's native CPU kernels (``csrc/kernels.cpp``), built on first use and cached per machine.
 
 Why native code on a CPU: a `torch.compile` kernel costs 25–45 µs of Python, guard and wrapper work per
-call, and a quantized layer makes three calls per step (the scratcher a fourth), several times the work
-itself on a small layer; a dispatcher call costs about 1 µs. The build uses
-`torch.utils.cpp_extension` (a C++ compiler and ninja, as `torch.compile` on a CPU needs a compiler) and
-takes about 30 s once; later processes load the cached library. Where it fails, the kernels run eagerly
-(same results) after one warning.
+call, and a quantized layer makes three calls per step, several times the work itself on a small layer;
+a call to a native op costs about 3 µs from Python, and the scratcher updates every layer in one. The
+build uses `torch.utils.cpp_extension` (a C++ compiler, which `torch.compile` on a CPU needs too, and
+ninja) and takes about 10 s once (7 s on an idle 2-core CPU); later processes load the cached library.
+Where it fails, the kernels run eagerly (same results) after one warning.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ def ops() -> object | None:
                 import ninja
 
                 os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
-            logger.info("Loading hf_lts's CPU kernels (built once per machine, about 30 s).")
+            logger.info("Loading hf_lts's CPU kernels (built once per machine, about 10 s).")
             load(
                 name="hf_lts_kernels",
                 sources=[str(_SOURCE)],
