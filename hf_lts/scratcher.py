@@ -75,10 +75,11 @@ def update_layer_state(
     are frozen per output channel (which channels can skip their weight gradient, or be completed).
 
     ``weight`` and ``packed`` are ``[out_channels, -1]`` aliases of the layer's weight and state, ``scale``
-    its ``C`` steps, ``key`` seeds the stochastic rounding, ``keep = 1 - m`` (rounded to float32), ``threshold``
-    is ``r(t)`` in fixed point (``-1`` while nothing may freeze) and ``restart_observed`` selects
-    ``distance_init="observed"`` (a compiled kernel takes the last three as 0-d tensors). Frozen weights keep their state and get their held latent value back;
-    trainable ones update their distance EMA in fixed point,
+    its ``C`` steps, ``key`` seeds the stochastic rounding, ``keep = 1 - m`` (rounded to float32),
+    ``threshold`` is ``r(t)`` in fixed point (``-1`` while nothing may freeze) and ``restart_observed``
+    selects ``distance_init="observed"`` (a compiled kernel takes the last three as 0-d tensors). Frozen
+    weights keep their state and get their held latent value back; trainable ones update their distance
+    EMA in fixed point,
 
         d ← d + floor((1 - m) · (d_now - d) + u),    u ~ U[0, 1)   (stochastic rounding),
 
@@ -114,7 +115,9 @@ def update_layer_state(
     return newly.sum(), frozen_now.view_as(flat_packed).sum(1)
 
 
-_UPDATE = Kernel(update_layer_state, "update_layer_state", {4: torch.float32, 5: torch.int32, 6: torch.bool})
+#: One layer's update as a `torch.compile` kernel off the CPU, or eagerly; on a CPU the scratcher updates
+#: every layer in one native call instead (`LotteryTicketScratcher._update`), so there is no per-layer op.
+_UPDATE = Kernel(update_layer_state, None, {4: torch.float32, 5: torch.int32, 6: torch.bool})
 
 
 class LotteryTicketScratcher:

@@ -51,8 +51,9 @@ class Kernel:
     Arguments at the positions in ``scalars`` are Python numbers; the compiled kernel takes them as 0-d
     tensors of the given dtype (one graph for every value; a tensor per position and value, since Dynamo
     would recompile for two arguments that are one tensor). The native op writes the arguments at the
-    positions in ``mutates`` in place, and their version counters are bumped for it. Compiling is lazy (the first call) and shared
-    by every caller; if it fails the kernel warns once and stays eager, with the same results.
+    positions in ``mutates`` in place, and their version counters are bumped for it. Compiling is lazy
+    (the first call) and shared by every caller; if it fails the kernel warns once and stays eager, with
+    the same results.
     """
 
     def __init__(
@@ -206,6 +207,7 @@ def _layer_forward_frozen_math(x, x_scale, x_min, x_max, w, w_scale, w_min, w_ma
 
 
 _BOUNDS = {2: torch.float32, 3: torch.float32}  # (Qn, Qp) of the first tensor; one kernel, every bit width
+_LAYER_BOUNDS = {**_BOUNDS, 6: torch.float32, 7: torch.float32}  # and of the weight
 
 #: The fused kernels; each serves every shape, bit width and layer.
 _KERNELS = {
@@ -215,18 +217,8 @@ _KERNELS = {
         ("fake_quant_frozen", _fake_quant_frozen_math, "fake_quant", _BOUNDS),
         ("grad", _grad_math, "grad", _BOUNDS),
         ("grad_frozen", _grad_frozen_math, "grad", _BOUNDS),
-        (
-            "layer_forward",
-            _layer_forward_math,
-            "layer_forward",
-            {**_BOUNDS, 6: torch.float32, 7: torch.float32},
-        ),
-        (
-            "layer_forward_frozen",
-            _layer_forward_frozen_math,
-            "layer_forward",
-            {**_BOUNDS, 6: torch.float32, 7: torch.float32},
-        ),
+        ("layer_forward", _layer_forward_math, "layer_forward", _LAYER_BOUNDS),
+        ("layer_forward_frozen", _layer_forward_frozen_math, "layer_forward", _LAYER_BOUNDS),
         ("grad_rows", _grad_rows_math, "grad_rows", _BOUNDS),
         ("input_grad", _input_grad_math, "input_grad", _BOUNDS, (4,)),
         ("input_step_terms", _input_step_terms_math, "input_step_terms", _BOUNDS),

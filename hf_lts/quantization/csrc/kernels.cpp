@@ -291,9 +291,8 @@ std::tuple<at::Tensor, at::Tensor> input_step_terms(const at::Tensor& x, const a
   for_each_chunk(l, [&](int64_t c, int64_t begin, int64_t end, int64_t) {
     const float sc = s[c], r = 1.0f / sc;
     for (int64_t i = begin; i < end; ++i) {
-      float v, rounded, q;
-      quantize(xp[i], r, qmin, qmax, v, rounded, q);
-      dqp[i] = q == rounded ? rounded - v : q;
+      float q, inside;
+      step_terms<false>(xp[i], r, qmin, qmax, 0, q, inside, dqp[i]);
       xh[i] = q * sc;
     }
   });
