@@ -10,6 +10,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from hf_lts import LTSConfig, QuantConv2d, QuantLinear, prepare_model
+from hf_lts.quantization import layers as layer_module
 from hf_lts.quantization import native, quantized_layers
 from hf_lts.quantization.lsq import fake_quantize, lsq_forward, signed_range, unsigned_range
 
@@ -369,6 +370,27 @@ def test_the_fused_kernels_are_the_native_ones_on_this_cpu():
     with torch.profiler.profile() as prof:
         lsq_forward(torch.randn(64), torch.tensor([0.1]), -8, 7)
     assert "hf_lts::fake_quant" in {event.name for event in prof.events()}
+
+
+@pytest.mark.parametrize("kind", ["conv", "depthwise", "grouped", "linear"])
+@pytest.mark.parametrize("per_channel", [False, True])
+@pytest.mark.parametrize("frozen", ["none", "random", "channels", "all"])
+@pytest.mark.parametrize("input_grad", [True, False])
+def test_native_layer_node_is_bit_identical_to_the_python_function(
+    monkeypatch, kind, per_channel, frozen, input_grad
+):
+    """On a CPU a layer's forward and backward run as one C++ autograd node (``hf_lts::quant_layer``); it
+    computes what `_QuantizedOp` computes, every output and gradient bit for bit (the first layer's pixels,
+    which need no gradient, included)."""
+    layer, x = _layer(kind, 4, per_channel, frozen)
+    x = x.relu().requires_grad_(input_grad)
+    with torch.profiler.profile() as prof:
+        node = _grads(layer, x)
+    assert "hf_lts::quant_layer" in {event.name for event in prof.events()}
+    monkeypatch.setattr(layer_module, "_native_layer_ops", lambda *args: None)
+    function = _grads(layer, x)
+    for name, value in node.items():
+        assert value is None and function[name] is None or torch.equal(value, function[name]), name
 
 
 def test_a_failed_native_build_warns_and_runs_eagerly(monkeypatch):

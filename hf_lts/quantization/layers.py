@@ -30,8 +30,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn import functional as F
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-from . import state
+from . import native, state
 from .lsq import (
     ActivationFakeQuantizer,
     WeightFakeQuantizer,
@@ -47,6 +48,18 @@ from .lsq import (
 
 def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _native_layer_ops(x: torch.Tensor, weight: torch.Tensor, fused: bool) -> object | None:
+    """``torch.ops.hf_lts`` where a layer's forward and backward can run as the native ``quant_layer`` (float32
+    on a CPU, outside autocast, tracing and dispatch modes), else ``None`` (`_QuantizedOp`)."""
+    if not fused or x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32:
+        return None
+    if torch.is_autocast_enabled("cpu") or _get_current_dispatch_mode() is not None:
+        return None
+    if torch.jit.is_tracing() or torch.compiler.is_compiling():
+        return None
+    return native.ops()
 
 
 def _compute_dtype(device: torch.device) -> torch.dtype:
@@ -278,8 +291,16 @@ class QuantLayerMixin:
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.input_quantizer.initialize_from(x)
-        quantizers = (self.input_quantizer.scale, self.weight_quantizer.scale)
-        out = _QuantizedOp.apply(x, self.weight, self.bias, *quantizers, self)
+        aq, wq = self.input_quantizer, self.weight_quantizer
+        ops = _native_layer_ops(x, self.weight, aq.fused and wq.fused)
+        if ops is not None:  # the same computation as `_QuantizedOp`, as one C++ autograd node
+            out = ops.quant_layer(
+                x, self.weight, aq.scale, wq.scale, self.bias, self._packed(), self._held_weight(),
+                self._active_channels, (aq.qmin, aq.qmax, wq.qmin, wq.qmax), (aq.grad_factor(x), wq.grad_factor),
+                self._native_op_args, _distributed(),
+            )  # fmt: skip
+        else:
+            out = _QuantizedOp.apply(x, self.weight, self.bias, aq.scale, wq.scale, self)
         if self.training and not self._macs_known:
             self.lts_macs.fill_(out[0].numel() * self.weight[0].numel())
             self._macs_known = True
@@ -308,6 +329,11 @@ class QuantConv2d(QuantLayerMixin, nn.Conv2d):
     @property
     def _skips_channels(self) -> bool:
         return self.groups == 1 or self.groups == self.in_channels == self.out_channels
+
+    @property
+    def _native_op_args(self) -> list[int]:
+        """The convolution for ``hf_lts::quant_layer``: stride, padding, dilation (two each) and groups."""
+        return [*self.stride, *self.padding, *self.dilation, self.groups]
 
     def _op(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
         return F.conv2d(x, w, b, self.stride, self.padding, self.dilation, self.groups)
@@ -347,6 +373,9 @@ class QuantLinear(QuantLayerMixin, nn.Linear):
     @classmethod
     def _empty_like(cls, m: nn.Linear) -> QuantLinear:
         return cls(m.in_features, m.out_features, m.bias is not None, device="meta", dtype=m.weight.dtype)
+
+    #: ``hf_lts::quant_layer``'s description of a linear layer.
+    _native_op_args: list[int] = []
 
     def _op(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
         return F.linear(x, w, b)

@@ -11,7 +11,10 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/zeros.h>
+#include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
+
+#include <array>
 
 #include <algorithm>
 #include <cmath>
@@ -429,6 +432,153 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> update_layers(at::TensorList wei
   return {newly_per_layer, per_row};
 }
 
+// ---- A quantized layer as one autograd node ---------------------------------------------------------------
+//
+// What layers._QuantizedOp does (the same kernels and ATen calls in the same order, so the same bits), as
+// a C++ autograd function: on a small model the Python autograd function's own work (argument handling,
+// context, the Python backward) cost more than its kernels. See layers.py for the backward's shortcuts.
+
+// A convolution ``{stride, stride, padding, padding, dilation, dilation, groups}`` or, empty, a linear layer.
+struct Op {
+  std::vector<int64_t> conv;
+  bool linear() const { return conv.empty(); }
+  at::IntArrayRef stride() const { return at::IntArrayRef(conv).slice(0, 2); }
+  at::IntArrayRef padding() const { return at::IntArrayRef(conv).slice(2, 2); }
+  at::IntArrayRef dilation() const { return at::IntArrayRef(conv).slice(4, 2); }
+  int64_t groups() const { return conv[6]; }
+
+  at::Tensor operator()(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& b) const {
+    return linear() ? at::linear(x, w, b) : at::conv2d(x, w, b, stride(), padding(), dilation(), groups());
+  }
+
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_backward(const at::Tensor& g, const at::Tensor& x,
+                                                               const at::Tensor& w, int64_t groups,
+                                                               std::array<bool, 3> mask) const {
+    const std::vector<int64_t> bias_sizes{g.size(1)};
+    return at::convolution_backward(g, x, w, mask[2] ? at::OptionalIntArrayRef(bias_sizes) : std::nullopt,
+                                    stride(), padding(), dilation(), false, {0, 0}, groups, mask);
+  }
+
+  at::Tensor grad_input(const at::Tensor& g, const at::Tensor& x, const at::Tensor& w) const {
+    return linear() ? g.matmul(w) : std::get<0>(conv_backward(g, x, w, groups(), {true, false, false}));
+  }
+
+  // The weight gradient of the output channels ``active`` (all where undefined).
+  at::Tensor grad_weight(const at::Tensor& g, const at::Tensor& x, const at::Tensor& w,
+                         const at::Tensor& active) const {
+    if (linear()) {
+      const at::Tensor g2 = g.reshape({-1, g.size(-1)}), x2 = x.reshape({-1, x.size(-1)});
+      return (active.defined() ? g2.index_select(1, active) : g2).t().mm(x2);
+    }
+    if (!active.defined()) return std::get<1>(conv_backward(g, x, w, groups(), {false, true, false}));
+    const bool depthwise = groups() == x.size(1) && groups() == w.size(0);
+    return std::get<1>(conv_backward(g.index_select(1, active), depthwise ? x.index_select(1, active) : x,
+                                     w.index_select(0, active), depthwise ? active.numel() : 1,
+                                     {false, true, false}));
+  }
+
+  at::Tensor grad_bias(const at::Tensor& g, const at::Tensor& x, const at::Tensor& w) const {
+    return linear() ? g.reshape({-1, g.size(-1)}).sum(0)
+                    : std::get<2>(conv_backward(g, x, w, groups(), {false, false, true}));
+  }
+};
+
+std::optional<at::Tensor> given(const at::Tensor& t) { return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt; }
+
+struct QuantLayer : public torch::autograd::Function<QuantLayer> {
+  // bounds: (input Qn, Qp, weight Qn, Qp); factors: LSQ's gradient factors of the input and weight steps.
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight,
+                            const at::Tensor& input_scale, const at::Tensor& weight_scale,
+                            const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& packed,
+                            const std::optional<at::Tensor>& held, const std::optional<at::Tensor>& active,
+                            std::vector<double> bounds, std::vector<double> factors, std::vector<int64_t> conv,
+                            bool zero_skipped) {
+    const Op op{conv};
+    const at::Tensor xc = x.contiguous();
+    at::Tensor w_hat;
+    at::Tensor x_hat;
+    if (held.has_value()) {
+      x_hat = fake_quant(xc, input_scale, bounds[0], bounds[1], std::nullopt);
+      w_hat = *held;
+    } else {
+      std::tie(x_hat, w_hat) = layer_forward(xc, input_scale, bounds[0], bounds[1], weight.contiguous(),
+                                             weight_scale, bounds[2], bounds[3], packed);
+    }
+    at::Tensor out = op(x_hat, w_hat, bias);
+    ctx->save_for_backward({x, weight, input_scale, weight_scale, packed.value_or(at::Tensor()), w_hat});
+    ctx->saved_data["active"] = active.value_or(at::Tensor());
+    ctx->saved_data["bounds"] = bounds;
+    ctx->saved_data["factors"] = factors;
+    ctx->saved_data["conv"] = conv;
+    ctx->saved_data["zero_skipped"] = zero_skipped;
+    ctx->saved_data["bias"] = bias.has_value();
+    return out;
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &x = saved[0], &weight = saved[1], &input_scale = saved[2], &weight_scale = saved[3];
+    const at::Tensor &packed = saved[4], &w_hat = saved[5];
+    const at::Tensor active = ctx->saved_data["active"].toTensor();
+    const std::vector<double> bounds = ctx->saved_data["bounds"].toDoubleVector();
+    const std::vector<double> factors = ctx->saved_data["factors"].toDoubleVector();
+    const Op op{ctx->saved_data["conv"].toIntVector()};
+    const bool has_bias = ctx->saved_data["bias"].toBool();
+    const at::Tensor& grad_out = grads[0];
+    // Gradient slots are numbered over the tensor arguments given: x, weight, the two steps, the bias.
+    const bool need_x = ctx->needs_input_grad(0), need_input_scale = ctx->needs_input_grad(2);
+    const bool need_weight = (ctx->needs_input_grad(1) || ctx->needs_input_grad(3)) &&
+                             (!active.defined() || active.numel() > 0);
+    const at::Tensor xc = x.contiguous();
+    at::Tensor grad_x, grad_input_scale, grad_weight, grad_weight_scale, grad_bias, x_hat;
+    if (need_x) {  // the input gradient takes the place of ∂L/∂x̂
+      at::Tensor grad_flat = op.grad_input(grad_out, x, w_hat).reshape({-1});
+      at::Tensor step_sum;
+      std::tie(step_sum, x_hat) = input_grad(xc, input_scale, bounds[0], bounds[1], grad_flat);
+      grad_x = grad_flat.view(x.sizes());
+      if (need_input_scale) grad_input_scale = step_sum.mul(factors[0]);
+    } else if (need_input_scale) {  // Σ ∂L/∂x̂ ⊙ dq = Σ ∂L/∂y ⊙ op(dq, ŵ)
+      at::Tensor dq;
+      std::tie(dq, x_hat) = input_step_terms(xc, input_scale, bounds[0], bounds[1]);
+      const at::Tensor y = op(dq, w_hat, std::nullopt);
+      grad_input_scale = at::dot(grad_out.reshape({-1}), y.reshape({-1})).reshape({1}).mul(factors[0]);
+    } else {
+      x_hat = fake_quant(xc, input_scale, bounds[0], bounds[1], std::nullopt);
+    }
+    if (need_weight) {
+      const at::Tensor grad_w_hat = op.grad_weight(grad_out, x_hat, w_hat, active).contiguous();
+      const at::Tensor wc = weight.contiguous();
+      if (active.defined()) {
+        std::tie(grad_weight, grad_weight_scale) = weight_grad_rows(
+            wc.view({wc.size(0), -1}), weight_scale, bounds[2], bounds[3], grad_w_hat, packed, active);
+      } else {
+        std::tie(grad_weight, grad_weight_scale) =
+            weight_grad(wc, weight_scale, bounds[2], bounds[3], grad_w_hat, given(packed));
+      }
+      grad_weight = grad_weight.view(weight.sizes());
+      grad_weight_scale = grad_weight_scale.mul(factors[1]);
+    } else if (ctx->saved_data["zero_skipped"].toBool()) {  // DDP wants a gradient for every parameter
+      grad_weight = at::zeros_like(weight);
+      grad_weight_scale = at::zeros_like(weight_scale);
+    }
+    if (has_bias && ctx->needs_input_grad(4)) grad_bias = op.grad_bias(grad_out, x_hat, w_hat);
+    return {grad_x, grad_weight, grad_input_scale, grad_weight_scale, grad_bias, at::Tensor(), at::Tensor(),
+            at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+at::Tensor quant_layer(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& input_scale,
+                       const at::Tensor& weight_scale, const std::optional<at::Tensor>& bias,
+                       const std::optional<at::Tensor>& packed, const std::optional<at::Tensor>& held,
+                       const std::optional<at::Tensor>& active, at::ArrayRef<double> bounds,
+                       at::ArrayRef<double> factors, at::IntArrayRef conv, bool zero_skipped) {
+  TORCH_CHECK(bounds.size() == 4 && factors.size() == 2 && (conv.empty() || conv.size() == 7),
+              "hf_lts::quant_layer: bounds has 4 values, factors 2, conv none or 7");
+  return QuantLayer::apply(x, weight, input_scale, weight_scale, bias, packed, held, active, bounds.vec(),
+                           factors.vec(), conv.vec(), zero_skipped);
+}
+
 }  // namespace
 
 TORCH_LIBRARY(hf_lts, m) {
@@ -445,6 +595,12 @@ TORCH_LIBRARY(hf_lts, m) {
   m.def(
       "update_layers(Tensor(a!)[] weights, Tensor(b!)[] packed, Tensor[] scales, int[] keys, float keep, "
       "int threshold, bool restart_observed, int[] qmin, int[] qmax, int[] restore) -> (Tensor, Tensor[])");
+  // Differentiable (a C++ autograd function inside): registered for every dispatch key.
+  m.def(
+      "quant_layer(Tensor x, Tensor weight, Tensor input_scale, Tensor weight_scale, Tensor? bias, "
+      "Tensor? packed, Tensor? held, Tensor? active, float[] bounds, float[] factors, int[] conv, "
+      "bool zero_skipped) -> Tensor",
+      &quant_layer);
 }
 
 TORCH_LIBRARY_IMPL(hf_lts, CPU, m) {
