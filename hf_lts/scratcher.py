@@ -207,7 +207,8 @@ class LotteryTicketScratcher:
             [layer.lts_frozen_steps for layer in layers], [layer.num_frozen for layer in layers]
         )
         torch._foreach_add_(
-            [layer.lts_skipped_steps for layer in layers], [layer.skipped_channel_ratio for layer in layers]
+            [layer.lts_skipped_steps for layer in layers],
+            [layer.skipped_weight_grad_ratio for layer in layers],
         )
 
     @staticmethod
@@ -315,7 +316,7 @@ class LotteryTicketScratcher:
             "per_layer": {
                 n: {
                     "frozen_ratio": layer.num_frozen / numel[n],
-                    "skipped_channel_ratio": layer.skipped_channel_ratio,
+                    "skipped_weight_grad_ratio": layer.skipped_weight_grad_ratio,
                     "weight_bits": layer.weight_quantizer.bits,
                     "activation_bits": layer.input_quantizer.bits,
                     "numel": numel[n],

@@ -393,6 +393,48 @@ def test_native_layer_node_is_bit_identical_to_the_python_function(
         assert value is None and function[name] is None or torch.equal(value, function[name]), name
 
 
+@pytest.mark.parametrize(
+    "module, shape",
+    [
+        (nn.Conv2d(8, 16, 3, padding=1), (4, 8, 9, 9)),
+        (
+            nn.Conv2d(8, 16, (3, 5), stride=(1, 2), padding=(0, 2), dilation=(2, 1), bias=False),
+            (4, 8, 11, 11),
+        ),
+        (nn.Conv2d(3, 16, 7, stride=2, padding=3), (4, 3, 20, 20)),
+        (nn.Conv2d(16, 16, 3, stride=2, padding=1, groups=16), (4, 16, 9, 9)),
+        (nn.Linear(32, 10), (3, 5, 32)),
+    ],
+)
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_stragglers_gradient_is_computed_for_them_only(monkeypatch, module, shape, per_channel):
+    """A layer of which only a few weights train computes their gradients only (one dot product each, no
+    dense weight-gradient op): frozen weights get exact zeros, the rest and the steps' gradients equal the
+    dense path's up to float summation order, everything else bit for bit."""
+    torch.manual_seed(0)
+    cls = QuantLinear if isinstance(module, nn.Linear) else QuantConv2d
+    layer = cls.from_float(module, 4, 4, per_channel=per_channel)
+    layer.max_straggler_share, layer.straggler_costs = 0.2, (1.0, 0.0, 0.0)  # small layers: force the path
+    x = torch.randn(shape).relu().requires_grad_()
+    layer.input_quantizer.initialize_from(x)
+    layer.freeze_(torch.rand_like(layer.weight) < 0.9)
+    with torch.profiler.profile() as prof:
+        stragglers = _grads(layer, x)
+    assert layer._stragglers and layer.skipped_weight_grad_ratio == layer.num_frozen / layer.weight.numel()
+    weight_backward = [e for e in prof.events() if e.name in ("aten::convolution_backward", "aten::mm")]
+    # the input gradient's (and a convolution's bias gradient's) only
+    assert len(weight_backward) == (1 if cls is QuantLinear else 1 + (layer.bias is not None))
+    monkeypatch.setattr(layer_module, "_native_layer_ops", lambda *args: None)
+    dense = _grads(layer, x)
+    assert not layer._stragglers
+    assert not stragglers["weight"][layer.frozen_mask].any()
+    for name, value in stragglers.items():
+        if name in ("weight", "weight_scale"):
+            torch.testing.assert_close(value, dense[name], rtol=1e-5, atol=1e-5, msg=name)
+        else:
+            assert value is None and dense[name] is None or torch.equal(value, dense[name]), name
+
+
 def test_a_failed_native_build_warns_and_runs_eagerly(monkeypatch):
     monkeypatch.setattr(native, "_loaded", None)  # as in a fresh process
 
@@ -429,10 +471,10 @@ def test_frozen_channels_skip_their_weight_gradient_work(kind):
     x_only = x.detach().requires_grad_()
     layer.freeze_(torch.ones_like(layer.weight, dtype=torch.bool))
     input_only = backward_flops(layer, x_only)  # every weight frozen: the input gradient alone
-    assert layer.skipped_channel_ratio == 1.0 and input_only < full
+    assert layer.skipped_weight_grad_ratio == 1.0 and input_only < full
 
     layer, _ = _layer(kind, 4, False, "channels")  # a third of the channels entirely frozen
-    skipped = layer.skipped_channel_ratio
+    skipped = layer.skipped_weight_grad_ratio
     assert skipped == pytest.approx(len(range(0, layer.weight.shape[0], 3)) / layer.weight.shape[0])
     partial = backward_flops(layer, x.detach().requires_grad_())
     weight_grad = full - input_only

@@ -290,7 +290,7 @@ def test_stats_follow_the_definitions():
     assert 0 <= stats["backward_flops_saved_realised"] <= stats["backward_flops_saved"]
     assert stats["per_layer"]["classifier.1"] == {
         "frozen_ratio": frozen_per_step[-1]["classifier.1"] / numel["classifier.1"],
-        "skipped_channel_ratio": layers["classifier.1"].skipped_channel_ratio,
+        "skipped_weight_grad_ratio": layers["classifier.1"].skipped_weight_grad_ratio,
         "weight_bits": 8,
         "activation_bits": 8,
         "numel": numel["classifier.1"],
@@ -318,7 +318,7 @@ def test_realised_saving_counts_the_skipped_channel_work():
         mask = torch.rand_like(layer.weight) < 0.1
         mask[: layer.weight.shape[0] // 2] = True
         layer.freeze_(mask)
-    skipped = {n: layer.skipped_channel_ratio for n, layer in layers.items()}
+    skipped = {n: layer.skipped_weight_grad_ratio for n, layer in layers.items()}
     train(model, optimizer, scratcher, batches(3, size=16))
     stats = scratcher.stats()
     macs = {n: int(layer.lts_macs) for n, layer in layers.items()}
@@ -342,7 +342,7 @@ def test_channel_completion_freezes_the_rest_of_a_mostly_frozen_channel(share):
     scratcher.step()  # 0.02, 0.03, 0.01, 2.0 and 1.01 (d = 0.01) freeze: 5 of 8 ≥ 0.5, < 0.9
     completed = share <= 5 / 8
     assert layer.num_frozen == (8 if completed else 5)
-    assert layer.skipped_channel_ratio == (1.0 if completed else 0.0)
+    assert layer.skipped_weight_grad_ratio == (1.0 if completed else 0.0)
     # completed weights are frozen at their current level, snapped onto it
     levels = torch.round(before).clamp(-8, 7)
     assert torch.equal(layer.weight_levels[0].float(), levels[0])
@@ -392,7 +392,7 @@ def test_channel_counts_from_the_update_match_the_state(per_channel):
     scratcher = LotteryTicketScratcher(model, total_steps=30)
     train(model, optimizer, scratcher, batches(8, size=16))
     layers = quantized_layers(model).values()
-    assert any(0 < layer.skipped_channel_ratio < 1 for layer in layers)
+    assert any(0 < layer.skipped_weight_grad_ratio < 1 for layer in layers)
     for layer in layers:
         active = layer._active_channels
         layer._refresh_active_channels()  # from the state

@@ -7,18 +7,23 @@ and keeps, in buffers (so ``state_dict``, checkpoints and DDP carry them):
   see `hf_lts.quantization.state`;
 - ``lts_step``: optimizer steps the scratcher has seen; ``lts_frozen_steps``: Σ over those steps of
   this layer's frozen weights (for "weight updates saved"); ``lts_skipped_steps``: Σ over those steps of
-  the share of output channels whose weight gradient was skipped (for the *realised* backward saving);
+  the share of the weight-gradient work that was skipped (for the *realised* backward saving);
   ``lts_macs``: forward multiply-accumulates per example, taken from the first training batch.
 
-Input quantization, weight quantization and the convolution / matmul run as one autograd function
-(`_QuantizedOp`), whose backward does only the work that can still change something:
+Input quantization, weight quantization and the convolution / matmul run as one autograd function, whose
+backward does only the work that can still change something. On a CPU it is one C++ autograd node
+(``hf_lts::quant_layer``, `hf_lts.quantization.native`: a Python autograd function's own per-layer work
+cost more than its kernels on small models); elsewhere, and under autocast, tracing or a dispatch mode, the
+Python function `_QuantizedOp`, which computes the same bits:
 
 - the layer's input is the only activation it keeps; the quantized input is recomputed in the backward
   (memory as in fp32, where the layer keeps its input too);
 - the weight gradient is computed only for output channels that still have a trainable weight (a slice of
   the output gradient, and a weight backward kernel that reads only those rows), none for a fully frozen
   layer; a frozen weight contributes ``q · s`` with ``s`` detached, so its gradient is zero and it adds
-  nothing to the step's gradient;
+  nothing to the step's gradient. Where only a few weights still train, scattered over the channels (the
+  paper's stragglers), the native node computes their gradients only, one dot product each
+  (`max_straggler_share`; equal to the dense gradient up to float summation order);
 - the input gradient only where something needs it (not for the first layer's pixels; there the input
   step's gradient comes from the adjoint identity ``Σ ∂L/∂x̂ ⊙ ∂x̂/∂s = Σ ∂L/∂y ⊙ conv(∂x̂/∂s, ŵ)``, one
   forward convolution instead of a transposed one).
@@ -176,6 +181,7 @@ class QuantLayerMixin:
         self._num_frozen = int(state.frozen(self.lts_state).sum())
         self._held: tuple[tuple[int, ...], torch.Tensor] | None = None
         self._macs_known = bool(self.lts_macs > 0)
+        self._stragglers = False  # whether the last native backward computed the stragglers' gradients only
         self._refresh_active_channels()
 
     #: Skip frozen channels' weight gradients only from this share of them on: slicing the output
@@ -207,11 +213,39 @@ class QuantLayerMixin:
     #: fully frozen layer).
     _skips_channels = True
 
+    #: Up to this share of trainable weights the native backward computes the weight gradient of those
+    #: weights only, one dot product each, instead of the dense weight-gradient convolution / GEMM (the
+    #: paper's stragglers: a few weights per channel that keep a layer from being skipped); measured on
+    #: ResNet-18's layers in benchmarks/README.md.
+    max_straggler_share = 0.02
+
+    #: ... where that is the cheaper way, by a cost model in units of the dense op's multiply-accumulates,
+    #: fitted on this project's CPU (ResNet-18, MobileNetV2 and the small models' layers, benchmarks/README.md):
+    #: the dense op costs a fixed ``2e6`` plus its arithmetic; the dot products cost 10 per product and 30
+    #: per value of the input and output gradient they first copy (batch innermost). Layers with few
+    #: weights and large activations (early and depthwise convolutions) stay dense.
+    straggler_costs = (2e6, 10.0, 30.0)
+
+    def _stragglers_only(self, x: torch.Tensor) -> bool:
+        """Whether this step's weight gradient is computed for the trainable weights only (above)."""
+        weights = self.weight.numel()
+        trainable = weights - self._num_frozen
+        self._stragglers = False
+        if self._skips_channels and 0 < trainable <= self.max_straggler_share * weights:
+            terms = self._terms_per_weight(x)  # products in one weight's gradient
+            fixed, per_product, per_copy = self.straggler_costs
+            copies = x.numel() + terms * self.weight.shape[0]
+            self._stragglers = per_product * trainable * terms + per_copy * copies < fixed + weights * terms
+        return self._stragglers
+
     @property
-    def skipped_channel_ratio(self) -> float:
-        """Share of output channels whose weight-gradient computation the backward skips now."""
+    def skipped_weight_grad_ratio(self) -> float:
+        """Share of the weight-gradient arithmetic the backward skips now: the frozen share of the weights
+        where it computes the stragglers' gradients only, else the share of output channels it skips."""
         if self._num_frozen == self.weight.numel():
             return 1.0
+        if self._stragglers:
+            return self._num_frozen / self.weight.numel()
         if self._active_channels is None:
             return 0.0
         return 1.0 - self._active_channels.numel() / self.weight.shape[0]
@@ -297,9 +331,10 @@ class QuantLayerMixin:
             out = ops.quant_layer(
                 x, self.weight, aq.scale, wq.scale, self.bias, self._packed(), self._held_weight(),
                 self._active_channels, (aq.qmin, aq.qmax, wq.qmin, wq.qmax), (aq.grad_factor(x), wq.grad_factor),
-                self._native_op_args, _distributed(),
+                self._native_op_args, _distributed(), self._stragglers_only(x),
             )  # fmt: skip
         else:
+            self._stragglers = False
             out = _QuantizedOp.apply(x, self.weight, self.bias, aq.scale, wq.scale, self)
         if self.training and not self._macs_known:
             self.lts_macs.fill_(out[0].numel() * self.weight[0].numel())
@@ -337,6 +372,16 @@ class QuantConv2d(QuantLayerMixin, nn.Conv2d):
 
     def _op(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
         return F.conv2d(x, w, b, self.stride, self.padding, self.dilation, self.groups)
+
+    def _terms_per_weight(self, x: torch.Tensor) -> int:
+        """Examples × output positions: the products summed in one weight's gradient."""
+        size = [
+            (n + 2 * p - d * (k - 1) - 1) // s + 1
+            for n, k, s, p, d in zip(
+                x.shape[-2:], self.kernel_size, self.stride, self.padding, self.dilation, strict=True
+            )
+        ]
+        return x.numel() // x.shape[-3:].numel() * size[0] * size[1]
 
     def _conv_backward(self, grad_out, x, w, groups, mask):
         bias_sizes = [grad_out.shape[1]] if mask[2] else None
@@ -379,6 +424,9 @@ class QuantLinear(QuantLayerMixin, nn.Linear):
 
     def _op(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
         return F.linear(x, w, b)
+
+    def _terms_per_weight(self, x: torch.Tensor) -> int:
+        return x.numel() // self.in_features
 
     def _grad_input(
         self, grad_out: torch.Tensor, x: torch.Tensor | torch.Size, w: torch.Tensor

@@ -4,7 +4,7 @@ Why native code on a CPU: a `torch.compile` kernel costs 25–45 µs of Python, 
 call, and a quantized layer makes three calls per step, several times the work itself on a small layer;
 a call to a native op costs about 3 µs from Python, and the scratcher updates every layer in one. The
 build uses `torch.utils.cpp_extension` (a C++ compiler, which `torch.compile` on a CPU needs too, and
-ninja) and takes about 10 s once (7 s on an idle 2-core CPU); later processes load the cached library.
+ninja) and takes about 20 s once (on an idle 2-core CPU); later processes load the cached library.
 Where it fails, the kernels run eagerly (same results) after one warning.
 """
 
@@ -38,7 +38,7 @@ def ops() -> object | None:
                 import ninja
 
                 os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
-            logger.info("Loading hf_lts's CPU kernels (built once per machine, about 10 s).")
+            logger.info("Loading hf_lts's CPU kernels (built once per machine, about 20 s).")
             load(
                 name="hf_lts_kernels",
                 sources=[str(_SOURCE)],

@@ -483,16 +483,139 @@ struct Op {
   }
 };
 
+// ---- The stragglers' weight gradient ---------------------------------------------------------------------
+//
+// A layer of which only a few weights still train (the paper's stragglers: after the burst in which most
+// of a layer freezes, a few weights per channel keep it from completing) needs the weight gradient of those
+// few only. The dense weight-gradient convolution / GEMM computes every weight's; here each trainable
+// weight's gradient is one dot product of its output channel's gradient with the input it multiplies, so
+// the work is proportional to the weights that train.
+
+constexpr int64_t kDotLanes = 8;
+
+// ``acc + Σ a[k] · b[k]`` over ``count`` terms, in a fixed order: eight float lanes, the rest in ``tail``.
+inline void dot_into(float* __restrict acc, double& tail, const float* __restrict a, const float* __restrict b,
+                     int64_t count) {
+  int64_t k = 0;
+  for (; k + kDotLanes <= count; k += kDotLanes) {
+    for (int64_t l = 0; l < kDotLanes; ++l) acc[l] += a[k + l] * b[k + l];
+  }
+  for (; k < count; ++k) tail += a[k] * b[k];
+}
+
+inline float lanes_sum(const float* acc, double tail) {
+  for (int64_t l = 0; l < kDotLanes; ++l) tail += acc[l];
+  return static_cast<float>(tail);
+}
+
+// ``∂L/∂ŵ`` of the weights at ``index`` (flat indices into the weight) of a convolution (groups 1 or
+// depthwise) or a linear layer, from its quantized input ``x_hat`` and output gradient ``grad_out``. Both
+// are first laid out with the batch (the examples) innermost, so that every weight's sum is a series of
+// contiguous dot products.
+std::vector<float> trainable_weight_grads(const Op& op, const at::Tensor& x_hat, const at::Tensor& grad_out,
+                                          at::IntArrayRef w_shape, const std::vector<int64_t>& index) {
+  std::vector<float> out(index.size());
+  const int64_t n_index = static_cast<int64_t>(index.size());
+  if (op.linear()) {  // ∂L/∂W[o, k] = Σ_m g[m, o] x[m, k]
+    const int64_t features = w_shape[1], outputs = w_shape[0];
+    const at::Tensor xt = x_hat.reshape({-1, features}).t().contiguous();
+    const at::Tensor gt = grad_out.reshape({-1, outputs}).t().contiguous();
+    const int64_t rows = xt.size(1);
+    const float* xp = xt.data_ptr<float>();
+    const float* gp = gt.data_ptr<float>();
+    at::parallel_for(0, n_index, 16, [&](int64_t first, int64_t last) {
+      for (int64_t e = first; e < last; ++e) {
+        const int64_t o = index[e] / features, k = index[e] % features;
+        float acc[kDotLanes] = {};
+        double tail = 0;
+        dot_into(acc, tail, gp + o * rows, xp + k * rows, rows);
+        out[e] = lanes_sum(acc, tail);
+      }
+    });
+    return out;
+  }
+  // ∂L/∂W[o, c, i, j] = Σ_{oh, ow} Σ_n g[n, o, oh, ow] x[n, c, oh·sh - ph + i·dh, ow·sw - pw + j·dw]
+  const at::Tensor x = x_hat.permute({1, 2, 3, 0}).contiguous();  // [C, H, W, N]
+  const at::Tensor g = grad_out.permute({1, 2, 3, 0}).contiguous();  // [O, Ho, Wo, N]
+  const int64_t height = x.size(1), width = x.size(2), batch = x.size(3);
+  const int64_t out_h = g.size(1), out_w = g.size(2);
+  const int64_t in_per_group = w_shape[1], kh = w_shape[2], kw = w_shape[3];
+  const bool depthwise = op.groups() > 1;
+  const int64_t sh = op.stride()[0], sw = op.stride()[1], ph = op.padding()[0], pw = op.padding()[1];
+  const int64_t dh = op.dilation()[0], dw = op.dilation()[1];
+  const float* xp = x.data_ptr<float>();
+  const float* gp = g.data_ptr<float>();
+  at::parallel_for(0, n_index, 4, [&](int64_t first, int64_t last) {
+    for (int64_t e = first; e < last; ++e) {
+      int64_t rest = index[e];
+      const int64_t j = rest % kw;
+      rest /= kw;
+      const int64_t i = rest % kh;
+      rest /= kh;
+      const int64_t c_in = rest % in_per_group, o = rest / in_per_group;
+      const int64_t c = depthwise ? o : c_in;
+      float acc[kDotLanes] = {};
+      double tail = 0;
+      for (int64_t oh = 0; oh < out_h; ++oh) {
+        const int64_t ih = oh * sh - ph + i * dh;
+        if (ih < 0 || ih >= height) continue;
+        for (int64_t ow = 0; ow < out_w; ++ow) {
+          const int64_t iw = ow * sw - pw + j * dw;
+          if (iw < 0 || iw >= width) continue;
+          dot_into(acc, tail, gp + ((o * out_h + oh) * out_w + ow) * batch,
+                   xp + ((c * height + ih) * width + iw) * batch, batch);
+        }
+      }
+      out[e] = lanes_sum(acc, tail);
+    }
+  });
+  return out;
+}
+
+// `weight_grad` of a layer whose trainable weights (not frozen in ``packed``) are few: their gradients
+// come from `trainable_weight_grads`, every frozen weight's is zero.
+std::tuple<at::Tensor, at::Tensor> straggler_weight_grad(const Op& op, const at::Tensor& x_hat,
+                                                         const at::Tensor& grad_out, const at::Tensor& w,
+                                                         const at::Tensor& scale, double qmin_d, double qmax_d,
+                                                         const at::Tensor& packed) {
+  const Layout l = layout(w, scale);
+  const int32_t* p = packed_ptr(packed, w);
+  std::vector<int64_t> index;
+  for (int64_t k = 0; k < w.numel(); ++k) {
+    if (!is_frozen(p[k])) index.push_back(k);
+  }
+  const std::vector<float> grads = trainable_weight_grads(op, x_hat, grad_out, w.sizes(), index);
+  const std::vector<float> s = steps(scale);
+  const float qmin = static_cast<float>(qmin_d), qmax = static_cast<float>(qmax_d);
+  const float* wp = w.data_ptr<float>();
+  at::Tensor grad_w = at::zeros_like(w);
+  float* gw = grad_w.data_ptr<float>();
+  std::vector<double> sums(l.channels, 0.0);
+  const int64_t per_channel = w.numel() / l.channels;
+  for (size_t e = 0; e < index.size(); ++e) {
+    const int64_t k = index[e], c = k / per_channel;
+    float q, inside, dq;
+    step_terms<false>(wp[k], 1.0f / s[c], qmin, qmax, 0, q, inside, dq);
+    gw[k] = grads[e] * inside;
+    sums[c] += grads[e] * dq;
+  }
+  at::Tensor grad_scale = at::empty({l.channels}, w.options());
+  float* gs = grad_scale.data_ptr<float>();
+  for (int64_t c = 0; c < l.channels; ++c) gs[c] = static_cast<float>(sums[c]);
+  return {grad_w, grad_scale};
+}
+
 std::optional<at::Tensor> given(const at::Tensor& t) { return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt; }
 
 struct QuantLayer : public torch::autograd::Function<QuantLayer> {
-  // bounds: (input Qn, Qp, weight Qn, Qp); factors: LSQ's gradient factors of the input and weight steps.
+  // bounds: (input Qn, Qp, weight Qn, Qp); factors: LSQ's gradient factors of the input and weight steps;
+  // stragglers: compute the weight gradient of the trainable weights only (straggler_weight_grad).
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight,
                             const at::Tensor& input_scale, const at::Tensor& weight_scale,
                             const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& packed,
                             const std::optional<at::Tensor>& held, const std::optional<at::Tensor>& active,
                             std::vector<double> bounds, std::vector<double> factors, std::vector<int64_t> conv,
-                            bool zero_skipped) {
+                            bool zero_skipped, bool stragglers) {
     const Op op{conv};
     const at::Tensor xc = x.contiguous();
     at::Tensor w_hat;
@@ -512,6 +635,7 @@ struct QuantLayer : public torch::autograd::Function<QuantLayer> {
     ctx->saved_data["conv"] = conv;
     ctx->saved_data["zero_skipped"] = zero_skipped;
     ctx->saved_data["bias"] = bias.has_value();
+    ctx->saved_data["stragglers"] = stragglers;
     return out;
   }
 
@@ -547,14 +671,16 @@ struct QuantLayer : public torch::autograd::Function<QuantLayer> {
       x_hat = fake_quant(xc, input_scale, bounds[0], bounds[1], std::nullopt);
     }
     if (need_weight) {
-      const at::Tensor grad_w_hat = op.grad_weight(grad_out, x_hat, w_hat, active).contiguous();
       const at::Tensor wc = weight.contiguous();
-      if (active.defined()) {
-        std::tie(grad_weight, grad_weight_scale) = weight_grad_rows(
-            wc.view({wc.size(0), -1}), weight_scale, bounds[2], bounds[3], grad_w_hat, packed, active);
-      } else {
+      if (ctx->saved_data["stragglers"].toBool()) {
         std::tie(grad_weight, grad_weight_scale) =
-            weight_grad(wc, weight_scale, bounds[2], bounds[3], grad_w_hat, given(packed));
+            straggler_weight_grad(op, x_hat, grad_out, wc, weight_scale, bounds[2], bounds[3], packed);
+      } else {  // the dense weight gradient of the channels ``active`` (all where undefined)
+        const at::Tensor grad_w_hat = op.grad_weight(grad_out, x_hat, w_hat, active).contiguous();
+        std::tie(grad_weight, grad_weight_scale) =
+            active.defined() ? weight_grad_rows(wc.view({wc.size(0), -1}), weight_scale, bounds[2], bounds[3],
+                                                grad_w_hat, packed, active)
+                             : weight_grad(wc, weight_scale, bounds[2], bounds[3], grad_w_hat, given(packed));
       }
       grad_weight = grad_weight.view(weight.sizes());
       grad_weight_scale = grad_weight_scale.mul(factors[1]);
@@ -563,8 +689,10 @@ struct QuantLayer : public torch::autograd::Function<QuantLayer> {
       grad_weight_scale = at::zeros_like(weight_scale);
     }
     if (has_bias && ctx->needs_input_grad(4)) grad_bias = op.grad_bias(grad_out, x_hat, w_hat);
-    return {grad_x, grad_weight, grad_input_scale, grad_weight_scale, grad_bias, at::Tensor(), at::Tensor(),
-            at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+    torch::autograd::variable_list grads_in(13);  // one per forward argument, the tensors first
+    grads_in[0] = grad_x, grads_in[1] = grad_weight, grads_in[2] = grad_input_scale;
+    grads_in[3] = grad_weight_scale, grads_in[4] = grad_bias;
+    return grads_in;
   }
 };
 
@@ -572,11 +700,11 @@ at::Tensor quant_layer(const at::Tensor& x, const at::Tensor& weight, const at::
                        const at::Tensor& weight_scale, const std::optional<at::Tensor>& bias,
                        const std::optional<at::Tensor>& packed, const std::optional<at::Tensor>& held,
                        const std::optional<at::Tensor>& active, at::ArrayRef<double> bounds,
-                       at::ArrayRef<double> factors, at::IntArrayRef conv, bool zero_skipped) {
+                       at::ArrayRef<double> factors, at::IntArrayRef conv, bool zero_skipped, bool stragglers) {
   TORCH_CHECK(bounds.size() == 4 && factors.size() == 2 && (conv.empty() || conv.size() == 7),
               "hf_lts::quant_layer: bounds has 4 values, factors 2, conv none or 7");
   return QuantLayer::apply(x, weight, input_scale, weight_scale, bias, packed, held, active, bounds.vec(),
-                           factors.vec(), conv.vec(), zero_skipped);
+                           factors.vec(), conv.vec(), zero_skipped, stragglers);
 }
 
 }  // namespace
@@ -599,7 +727,7 @@ TORCH_LIBRARY(hf_lts, m) {
   m.def(
       "quant_layer(Tensor x, Tensor weight, Tensor input_scale, Tensor weight_scale, Tensor? bias, "
       "Tensor? packed, Tensor? held, Tensor? active, float[] bounds, float[] factors, int[] conv, "
-      "bool zero_skipped) -> Tensor",
+      "bool zero_skipped, bool stragglers=False) -> Tensor",
       &quant_layer);
 }
 
