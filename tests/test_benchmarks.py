@@ -67,3 +67,31 @@ def test_timing_harness_runs_qat_and_lts_back_to_back(tmp_path):
     qat, lts = json.loads(output.read_text())["records"]
     assert (qat["variant"], lts["variant"]) == ("qat", "lts-completion")
     assert lts["paired_qat_seconds"] == qat["wall_seconds"] > 0
+
+
+def test_stragglers_harness_times_every_layer_both_ways(tmp_path):
+    from benchmarks import stragglers
+
+    output = tmp_path / "stragglers.json"
+    argv = ["--model", "tiny", "--image-size", "16", "--batch-size", "4", "--shares", "0.01", "0.5"]
+    results = stragglers.main([*argv, "--repeats", "1", "--threads", "1", "--output", str(output)])
+    assert json.loads(output.read_text())["totals"] == results["totals"]
+    assert len(results["layers"]) > 3
+    for row in results["layers"]:
+        for share, cell in row["shares"].items():
+            assert cell["dense_ms"] > 0 and cell["chosen_ms"] > 0, (row["layer"], share)
+    assert any(row["shares"]["0.01"]["stragglers"] for row in results["layers"])  # both paths were timed
+    assert set(results["totals"]) == {"0.01", "0.5"}
+
+
+def test_phases_harness_records_every_step_of_both_runs(tmp_path):
+    from benchmarks import phases
+
+    output = tmp_path / "phases.json"
+    argv = ["--model", "tiny", "--image-size", "16", "--batch-size", "4", "--steps", "24", "--phases", "4"]
+    steps = phases.main([*argv, "--threads", "1", "--output", str(output)])
+    assert len(steps) == 24 and json.loads(output.read_text())["steps"] == steps
+    assert all(r["qat"] > 0 and r["lts"] > 0 for r in steps)
+    frozen = [r["frozen"] for r in steps]
+    assert frozen == sorted(frozen) and frozen[-1] > 0.5  # freezing is permanent and happens in 24 steps
+    assert steps[0]["skipped"] == 0.0
