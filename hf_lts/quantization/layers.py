@@ -230,13 +230,15 @@ class QuantLayerMixin:
         """Whether this step's weight gradient is computed for the trainable weights only (above)."""
         weights = self.weight.numel()
         trainable = weights - self._num_frozen
-        self._stragglers = False
+        stragglers = False
         if self._skips_channels and 0 < trainable <= self.max_straggler_share * weights:
             terms = self._terms_per_weight(x)  # products in one weight's gradient
             fixed, per_product, per_copy = self.straggler_costs
             copies = x.numel() + terms * self.weight.shape[0]
-            self._stragglers = per_product * trainable * terms + per_copy * copies < fixed + weights * terms
-        return self._stragglers
+            stragglers = per_product * trainable * terms + per_copy * copies < fixed + weights * terms
+        if stragglers != self._stragglers:  # (a Module attribute write costs microseconds: only on change)
+            self._stragglers = stragglers
+        return stragglers
 
     @property
     def skipped_weight_grad_ratio(self) -> float:
@@ -307,7 +309,8 @@ class QuantLayerMixin:
         until its state or step size is written (no gradient reaches either), so it is made once and kept
         for as long as their versions stand: the forward skips a weight-sized pass per step."""
         if self._num_frozen < self.weight.numel():
-            self._held = None
+            if self._held is not None:
+                self._held = None
             return None
         scale = self.weight_quantizer.scale
         key = (self.lts_state._version, scale._version, self.lts_state.data_ptr(), scale.data_ptr())
@@ -334,7 +337,8 @@ class QuantLayerMixin:
                 self._native_op_args, _distributed(), self._stragglers_only(x),
             )  # fmt: skip
         else:
-            self._stragglers = False
+            if self._stragglers:
+                self._stragglers = False
             out = _QuantizedOp.apply(x, self.weight, self.bias, aq.scale, wq.scale, self)
         if self.training and not self._macs_known:
             self.lts_macs.fill_(out[0].numel() * self.weight[0].numel())

@@ -447,7 +447,7 @@ class ActivationFakeQuantizer(nn.Module):
     def grad_factor(self, x: torch.Tensor) -> float:
         """LSQ's ``1/sqrt(N·Qp)`` with N = features of one example, so the step's gradient does not depend
         on the batch size (and hence not on how a global batch is split across processes)."""
-        return 1.0 / math.sqrt(x[0].numel() * self.qmax)
+        return 1.0 / math.sqrt(x.numel() // x.shape[0] * self.qmax)  # x[0].numel(), without indexing
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, signed={bool(self.signed)}"
