@@ -14,9 +14,8 @@
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
-#include <array>
-
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -541,6 +540,8 @@ std::vector<float> trainable_weight_grads(const Op& op, const at::Tensor& x_hat,
   const int64_t out_h = g.size(1), out_w = g.size(2);
   const int64_t in_per_group = w_shape[1], kh = w_shape[2], kw = w_shape[3];
   const bool depthwise = op.groups() > 1;
+  TORCH_CHECK(!depthwise || (in_per_group == 1 && op.groups() == w_shape[0]),
+              "hf_lts: the stragglers' weight gradient takes convolutions with groups 1 or depthwise ones");
   const int64_t sh = op.stride()[0], sw = op.stride()[1], ph = op.padding()[0], pw = op.padding()[1];
   const int64_t dh = op.dilation()[0], dw = op.dilation()[1];
   const float* xp = x.data_ptr<float>();
