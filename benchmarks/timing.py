@@ -46,6 +46,12 @@ VARIANTS = {
     "lts": {},
     "lts-completion": {"channel_completion": 0.9},
     "lts-completion-observed": {"channel_completion": 0.9, "distance_init": "observed"},
+    "lts-completion75": {"channel_completion": 0.75},
+    "lts-completion75-observed-sine": {
+        "channel_completion": 0.75,
+        "distance_init": "observed",
+        "freeze_schedule": "sine",
+    },
 }
 
 

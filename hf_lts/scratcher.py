@@ -199,9 +199,9 @@ class LotteryTicketScratcher:
                     layer._num_frozen += newly
                     if first:
                         layer._restore_frozen()
-                    layer._refresh_active_channels(per_channel)
                     if config.channel_completion is not None:
-                        self._complete_channels(layer, config.channel_completion, per_channel)
+                        per_channel = self._complete_channels(layer, config.channel_completion, per_channel)
+                    layer._refresh_active_channels(per_channel)
         layers = list(self.layers.values())  # the counters, as one op each rather than one per layer
         torch._foreach_add_(
             [layer.lts_frozen_steps for layer in layers], [layer.num_frozen for layer in layers]
@@ -212,16 +212,17 @@ class LotteryTicketScratcher:
         )
 
     @staticmethod
-    def _complete_channels(layer: QuantLayerMixin, share: float, per_channel: torch.Tensor) -> None:
+    def _complete_channels(layer: QuantLayerMixin, share: float, per_channel: torch.Tensor) -> torch.Tensor:
         """Freeze the rest of every output channel of which at least ``share`` is frozen (``per_channel``
         frozen weights of ``layer.weight[0].numel()``), at its current level: the channel's weight gradient
-        is then skipped (LTS.md §7, channel completion)."""
-        ratio = per_channel / layer.weight[0].numel()
-        complete = (ratio >= share) & (ratio < 1)
-        if bool(complete.any()):
-            frozen = state.frozen(layer.lts_state).view(complete.shape[0], -1)
-            new = (complete.unsqueeze(1) & ~frozen).view_as(layer.weight)
-            layer._freeze_at(new, state.levels(layer.lts_state))
+        is then skipped (LTS.md §7, channel completion). Returns the frozen weights per channel after it."""
+        per_row = layer.weight[0].numel()
+        ratio = per_channel / per_row
+        rows = ((ratio >= share) & (ratio < 1)).nonzero().flatten()
+        if rows.numel() == 0:
+            return per_channel
+        layer._freeze_rows(rows)
+        return per_channel.index_fill(0, rows, per_row)
 
     def _flat_args(self, name: str, layer: QuantLayerMixin) -> tuple[torch.Tensor, ...] | None:
         """Detached ``[out_channels, -1]`` aliases of the layer's weight and state, and its steps (made once:

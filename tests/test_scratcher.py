@@ -1,5 +1,6 @@
 """The scratcher against sequences computed by hand (LTS.md §2–5), exactness and state round trips."""
 
+import copy
 import math
 
 import pytest
@@ -348,6 +349,28 @@ def test_channel_completion_freezes_the_rest_of_a_mostly_frozen_channel(share):
     assert torch.equal(layer.weight_levels[0].float(), levels[0])
     frozen = layer.frozen_mask[0]
     assert torch.equal(layer.weight.detach()[0][frozen], levels[0][frozen])
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_completing_channels_equals_freezing_them_whole(per_channel):
+    """Completion freezes the chosen channels only (`_freeze_rows`): the same state and latent weights, bit
+    for bit, as freezing every trainable weight of those channels through the whole tensor."""
+    torch.manual_seed(0)
+    config = LTSConfig(per_channel=per_channel, distance_momentum=0.5, freeze_warmup_ratio=0.0)
+    model = prepare_model(tiny_resnet(), config)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    train(model, optimizer, LotteryTicketScratcher(model, total_steps=30), batches(4, size=16))
+    for layer in quantized_layers(model).values():
+        rows = torch.tensor([0, layer.weight.shape[0] - 1])
+        twin = copy.deepcopy(layer)
+        select = torch.zeros(layer.weight.shape[0], dtype=torch.bool).index_fill(0, rows, True)
+        mask = select.view(-1, *[1] * (layer.weight.ndim - 1)) & ~twin.frozen_mask
+        with torch.no_grad():
+            twin._freeze_at(mask, twin.weight_levels)
+            layer._freeze_rows(rows)
+        assert torch.equal(layer.lts_state, twin.lts_state) and layer.num_frozen == twin.num_frozen
+        assert torch.equal(layer.weight.detach(), twin.weight.detach())
+        assert state.frozen(layer.lts_state)[rows].all()
 
 
 def test_observed_distance_init_starts_from_the_first_observation():

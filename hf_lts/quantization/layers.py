@@ -293,6 +293,23 @@ class QuantLayerMixin:
         self._refresh_active_channels()
 
     @torch.no_grad()
+    def _freeze_rows(self, rows: torch.Tensor) -> None:
+        """Freeze every trainable weight of the output channels ``rows`` at its tracked level: what
+        `_freeze_at` does, on those channels only (completion touches a few channels per step, and a
+        whole-tensor pass per layer and step cost more than the update itself during the cascade)."""
+        part = self.lts_state.index_select(0, rows)
+        levels = state.levels(part)
+        scale = broadcast_scale(self.weight_quantizer.scale.detach(), self.weight.ndim)
+        if scale.numel() > 1:  # one step per output channel
+            scale = scale.index_select(0, rows)
+        new = ~state.frozen(part)
+        packed = torch.where(new, state.pack_frozen(levels, levels * scale), part)
+        weight = self.weight.index_select(0, rows)
+        self.lts_state.index_copy_(0, rows, packed)
+        self.weight.index_copy_(0, rows, torch.where(new, state.latent(packed).to(self.weight.dtype), weight))
+        self._num_frozen += int(new.sum())
+
+    @torch.no_grad()
     def _restore_frozen(self) -> None:
         """Undo whatever the optimizer did to frozen latent weights (momentum, weight decay, …)."""
         if self._num_frozen:
