@@ -47,6 +47,7 @@ VARIANTS = {
     "lts-completion": {"channel_completion": 0.9},
     "lts-completion-observed": {"channel_completion": 0.9, "distance_init": "observed"},
     "lts-completion75": {"channel_completion": 0.75},
+    "lts-completion60": {"channel_completion": 0.6},
     "lts-completion75-observed-sine": {
         "channel_completion": 0.75,
         "distance_init": "observed",
