@@ -221,7 +221,8 @@ class LotteryTicketScratcher:
         rows = ((ratio >= share) & (ratio < 1)).nonzero().flatten()
         if rows.numel() == 0:
             return per_channel
-        layer._freeze_rows(rows)
+        part = layer.lts_state.index_select(0, rows)
+        layer._freeze_at(~state.frozen(part), state.levels(part), rows)
         return per_channel.index_fill(0, rows, per_row)
 
     def _flat_args(self, name: str, layer: QuantLayerMixin) -> tuple[torch.Tensor, ...] | None:

@@ -353,8 +353,8 @@ def test_channel_completion_freezes_the_rest_of_a_mostly_frozen_channel(share):
 
 @pytest.mark.parametrize("per_channel", [False, True])
 def test_completing_channels_equals_freezing_them_whole(per_channel):
-    """Completion freezes the chosen channels only (`_freeze_rows`): the same state and latent weights, bit
-    for bit, as freezing every trainable weight of those channels through the whole tensor."""
+    """Completion freezes the chosen channels only (`_freeze_at` with ``rows``): the same state and latent
+    weights, bit for bit, as freezing every trainable weight of those channels through the whole tensor."""
     torch.manual_seed(0)
     config = LTSConfig(per_channel=per_channel, distance_momentum=0.5, freeze_warmup_ratio=0.0)
     model = prepare_model(tiny_resnet(), config)
@@ -367,7 +367,8 @@ def test_completing_channels_equals_freezing_them_whole(per_channel):
         mask = select.view(-1, *[1] * (layer.weight.ndim - 1)) & ~twin.frozen_mask
         with torch.no_grad():
             twin._freeze_at(mask, twin.weight_levels)
-            layer._freeze_rows(rows)
+            part = layer.lts_state.index_select(0, rows)
+            layer._freeze_at(~state.frozen(part), state.levels(part), rows)
         assert torch.equal(layer.lts_state, twin.lts_state) and layer.num_frozen == twin.num_frozen
         assert torch.equal(layer.weight.detach(), twin.weight.detach())
         assert state.frozen(layer.lts_state)[rows].all()

@@ -281,32 +281,30 @@ class QuantLayerMixin:
         mask = mask.to(device=self.weight.device, dtype=torch.bool).expand_as(self.weight)
         levels, _ = self.weight_quantizer.levels(self.weight)
         self._freeze_at(mask & ~self.frozen_mask, levels)
-
-    @torch.no_grad()
-    def _freeze_at(self, new: torch.Tensor, levels: torch.Tensor) -> None:
-        """Freeze ``new`` (trainable weights) at ``levels``: snap the latent value onto the level, once."""
-        scale = broadcast_scale(self.weight_quantizer.scale.detach(), self.weight.ndim)
-        packed = state.pack_frozen(levels, levels * scale)
-        self.lts_state.copy_(torch.where(new, packed, self.lts_state))
-        self.weight.copy_(torch.where(new, state.latent(packed).to(self.weight.dtype), self.weight))
-        self._num_frozen += int(new.sum())
         self._refresh_active_channels()
 
     @torch.no_grad()
-    def _freeze_rows(self, rows: torch.Tensor) -> None:
-        """Freeze every trainable weight of the output channels ``rows`` at its tracked level: what
-        `_freeze_at` does, on those channels only (completion touches a few channels per step, and a
-        whole-tensor pass per layer and step cost more than the update itself during the cascade)."""
-        part = self.lts_state.index_select(0, rows)
-        levels = state.levels(part)
+    def _freeze_at(self, new: torch.Tensor, levels: torch.Tensor, rows: torch.Tensor | None = None) -> None:
+        """Freeze ``new`` (trainable weights) at ``levels``: snap the latent value onto the level, once.
+
+        With ``rows``, ``new`` and ``levels`` cover those output channels only: channel completion freezes a
+        few channels per step, and a whole-tensor pass per layer and step cost more than the update itself.
+        The caller refreshes ``_active_channels``.
+        """
         scale = broadcast_scale(self.weight_quantizer.scale.detach(), self.weight.ndim)
-        if scale.numel() > 1:  # one step per output channel
-            scale = scale.index_select(0, rows)
-        new = ~state.frozen(part)
-        packed = torch.where(new, state.pack_frozen(levels, levels * scale), part)
-        weight = self.weight.index_select(0, rows)
-        self.lts_state.index_copy_(0, rows, packed)
-        self.weight.index_copy_(0, rows, torch.where(new, state.latent(packed).to(self.weight.dtype), weight))
+        current, weight = self.lts_state, self.weight
+        if rows is not None:
+            current, weight = current.index_select(0, rows), weight.index_select(0, rows)
+            scale = scale.index_select(0, rows) if scale.numel() > 1 else scale
+        packed = state.pack_frozen(levels, levels * scale)
+        frozen_state = torch.where(new, packed, current)
+        frozen_weight = torch.where(new, state.latent(packed).to(weight.dtype), weight)
+        if rows is None:
+            self.lts_state.copy_(frozen_state)
+            self.weight.copy_(frozen_weight)
+        else:
+            self.lts_state.index_copy_(0, rows, frozen_state)
+            self.weight.index_copy_(0, rows, frozen_weight)
         self._num_frozen += int(new.sum())
 
     @torch.no_grad()
