@@ -16,6 +16,8 @@ if the short run never gets there) or drawn uniformly at random (`QuantLayerMixi
 from __future__ import annotations
 
 import argparse
+import ctypes
+import gc
 import gzip
 import json
 import math
@@ -238,11 +240,23 @@ def _status_mb(field: str) -> float:
     return int(line.split()[1]) / 1024
 
 
+def _release_free_memory() -> None:
+    """Hand memory that setting up freed back to the OS (glibc's ``malloc_trim``), so that the baseline is
+    what the process holds, not what its allocator happens to keep: without it the baseline moved by
+    ± 8 MB between runs, as much as a small model's whole training rise."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: the baseline keeps the allocator's free memory
+        pass
+
+
 def memory_child(args: argparse.Namespace) -> None:
     """Run in a fresh process: peak-RSS rise over a few steps of one variant, printed as JSON."""
     torch.set_num_threads(args.threads)
     masks = torch.load(args.masks) if args.masks else None
     variant = Variant(args.memory_child, args.model, args.image_size, args.batch_size, masks)
+    _release_free_memory()
     before = _status_mb("VmRSS")
     try:  # reset the peak RSS to the current RSS (Linux ≥ 4.0), so the peak is that of training
         Path("/proc/self/clear_refs").write_text("5")
@@ -256,40 +270,32 @@ def memory_child(args: argparse.Namespace) -> None:
 
 
 def measure_memory(args: argparse.Namespace, model: str, names: list[str], masks_path: str) -> dict[str, Any]:
-    """Peak RSS per variant, each in its own subprocess (two at a time)."""
-    results: dict[str, Any] = {}
-    pending = list(names)
+    """Peak RSS per variant, each in its own subprocess (two at a time), ``--memory-repeats`` times: the
+    median rise is reported, with every run's."""
+    runs: dict[str, list[dict[str, float]]] = {name: [] for name in names}
+    pending = [name for _ in range(args.memory_repeats) for name in names]
     while pending:
         batch, pending = pending[:2], pending[2:]
-        procs = {
-            name: subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "benchmarks.speed",
-                    "--memory-child",
-                    name,
-                    "--model",
-                    model,
-                    "--masks",
-                    masks_path,
-                    "--image-size",
-                    str(args.image_size),
-                    "--batch-size",
-                    str(args.batch_size),
-                    "--threads",
-                    str(args.threads),
-                ],
-                stdout=subprocess.PIPE,
-                text=True,
-            )  # fmt: skip
+        command = [sys.executable, "-m", "benchmarks.speed", "--model", model, "--masks", masks_path]
+        command += ["--image-size", str(args.image_size), "--batch-size", str(args.batch_size)]
+        command += ["--threads", str(args.threads)]
+        procs = [
+            (name, subprocess.Popen([*command, "--memory-child", name], stdout=subprocess.PIPE, text=True))
             for name in batch
-        }
-        for name, proc in procs.items():
+        ]
+        for name, proc in procs:
             out, _ = proc.communicate()
             if proc.returncode != 0:
                 raise RuntimeError(f"memory measurement of {model}/{name} failed")
-            results[name] = json.loads(out.strip().splitlines()[-1])
+            runs[name].append(json.loads(out.strip().splitlines()[-1]))
+    results: dict[str, Any] = {}
+    for name, records in runs.items():
+        rises = [r["training_mb"] for r in records]
+        results[name] = {
+            "peak_rss_mb": statistics.median(r["peak_rss_mb"] for r in records),
+            "training_mb": statistics.median(rises),
+            "training_mb_all": rises,
+        }
     return results
 
 
@@ -382,6 +388,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-memory", dest="memory", action="store_false", help="skip peak-RSS subprocesses")
     parser.add_argument("--memory-variants", nargs="+", default=None, help="peak RSS of these only")
+    parser.add_argument(
+        "--memory-repeats", type=int, default=3, help="fresh processes per variant for peak RSS; median kept"
+    )
     parser.add_argument("--output", type=Path, default=None, help="write the results as JSON here")
     parser.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--model", default=None, help=argparse.SUPPRESS)

@@ -48,6 +48,10 @@ VARIANTS = {
     "lts-completion-observed": {"channel_completion": 0.9, "distance_init": "observed"},
     "lts-completion75": {"channel_completion": 0.75},
     "lts-completion60": {"channel_completion": 0.6},
+    "lts-completion50": {"channel_completion": 0.5},
+    "lts-completion60-observed": {"channel_completion": 0.6, "distance_init": "observed"},
+    "lts-completion60-sine": {"channel_completion": 0.6, "freeze_schedule": "sine"},
+    "lts-completion50-observed": {"channel_completion": 0.5, "distance_init": "observed"},
     "lts-completion75-observed-sine": {
         "channel_completion": 0.75,
         "distance_init": "observed",

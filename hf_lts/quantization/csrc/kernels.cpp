@@ -261,23 +261,32 @@ std::tuple<at::Tensor, at::Tensor> weight_grad_rows(const at::Tensor& x, const a
   return {grad_x, channel_sums(l, partial, x)};
 }
 
-// A layer input's backward: the input gradient written over ``grad``, the step's sum, and ``q·s``.
-std::tuple<at::Tensor, at::Tensor> input_grad(const at::Tensor& x, const at::Tensor& scale, double qmin,
-                                              double qmax, at::Tensor& grad) {
+// A layer input's backward: the input gradient written over ``grad``, the step's sum, and ``q·s`` where
+// ``keep_x_hat`` (an undefined tensor else: a layer with no weight gradient to compute, such as a frozen
+// one, need not allocate and write an activation-sized tensor).
+std::tuple<at::Tensor, at::Tensor> input_grad_into(const at::Tensor& x, const at::Tensor& scale, double qmin,
+                                                   double qmax, at::Tensor& grad, bool keep_x_hat) {
   TORCH_CHECK(grad.scalar_type() == at::kFloat && grad.is_contiguous() && grad.numel() == x.numel(),
               "hf_lts: the gradient must be a contiguous float32 tensor shaped like the input");
-  at::Tensor x_hat = at::empty_like(x);
   float* __restrict g = grad.data_ptr<float>();
+  const auto grad_at = [&](int64_t i, float inside) {
+    const float gi = g[i];
+    g[i] = gi * inside;
+    return gi;
+  };
+  if (!keep_x_hat) {
+    return {backward_pass<false>(x, scale, qmin, qmax, nullptr, grad_at, [](int64_t, float) {}), at::Tensor()};
+  }
+  at::Tensor x_hat = at::empty_like(x);
   float* __restrict xh = x_hat.data_ptr<float>();
-  at::Tensor grad_scale = backward_pass<false>(
-      x, scale, qmin, qmax, nullptr,
-      [&](int64_t i, float inside) {
-        const float gi = g[i];
-        g[i] = gi * inside;
-        return gi;
-      },
-      [&](int64_t i, float x_q) { xh[i] = x_q; });
+  at::Tensor grad_scale =
+      backward_pass<false>(x, scale, qmin, qmax, nullptr, grad_at, [&](int64_t i, float x_q) { xh[i] = x_q; });
   return {grad_scale, x_hat};
+}
+
+std::tuple<at::Tensor, at::Tensor> input_grad(const at::Tensor& x, const at::Tensor& scale, double qmin,
+                                              double qmax, at::Tensor& grad) {
+  return input_grad_into(x, scale, qmin, qmax, grad, true);
 }
 
 // ``(∂(q·s)/∂s, q·s)`` of an input that needs no gradient.
@@ -655,12 +664,14 @@ struct QuantLayer : public torch::autograd::Function<QuantLayer> {
     const bool need_x = ctx->needs_input_grad(0), need_input_scale = ctx->needs_input_grad(2);
     const bool need_weight = (ctx->needs_input_grad(1) || ctx->needs_input_grad(3)) &&
                              (!active.defined() || active.numel() > 0);
+    const bool need_bias = has_bias && ctx->needs_input_grad(4);
     const at::Tensor xc = x.contiguous();
     at::Tensor grad_x, grad_input_scale, grad_weight, grad_weight_scale, grad_bias, x_hat;
     if (need_x) {  // the input gradient takes the place of ∂L/∂x̂
       at::Tensor grad_flat = op.grad_input(grad_out, x, w_hat).reshape({-1});
       at::Tensor step_sum;
-      std::tie(step_sum, x_hat) = input_grad(xc, input_scale, bounds[0], bounds[1], grad_flat);
+      std::tie(step_sum, x_hat) =
+          input_grad_into(xc, input_scale, bounds[0], bounds[1], grad_flat, need_weight || need_bias);
       grad_x = grad_flat.view(x.sizes());
       if (need_input_scale) grad_input_scale = step_sum.mul(factors[0]);
     } else if (need_input_scale) {  // Σ ∂L/∂x̂ ⊙ dq = Σ ∂L/∂y ⊙ op(dq, ŵ)
@@ -668,7 +679,7 @@ struct QuantLayer : public torch::autograd::Function<QuantLayer> {
       std::tie(dq, x_hat) = input_step_terms(xc, input_scale, bounds[0], bounds[1]);
       const at::Tensor y = op(dq, w_hat, std::nullopt);
       grad_input_scale = at::dot(grad_out.reshape({-1}), y.reshape({-1})).reshape({1}).mul(factors[0]);
-    } else {
+    } else if (need_weight || need_bias) {
       x_hat = fake_quant(xc, input_scale, bounds[0], bounds[1], std::nullopt);
     }
     if (need_weight) {
@@ -689,7 +700,7 @@ struct QuantLayer : public torch::autograd::Function<QuantLayer> {
       grad_weight = at::zeros_like(weight);
       grad_weight_scale = at::zeros_like(weight_scale);
     }
-    if (has_bias && ctx->needs_input_grad(4)) grad_bias = op.grad_bias(grad_out, x_hat, w_hat);
+    if (need_bias) grad_bias = op.grad_bias(grad_out, x_hat, w_hat);
     torch::autograd::variable_list grads_in(13);  // one per forward argument, the tensors first
     grads_in[0] = grad_x, grads_in[1] = grad_weight, grads_in[2] = grad_input_scale;
     grads_in[3] = grad_weight_scale, grads_in[4] = grad_bias;
