@@ -10,9 +10,11 @@ accuracy benchmark's fine-tuning hyperparameters, and reports the wall time of `
 compilation included — with the LTS statistics. ``qat`` is ``LTSConfig(freeze=False)``; ``lts`` is the
 paper's default (linear schedule, warm-up 0.2, momentum 0.99); other variants add `LTSConfig` options.
 The runs follow each other on an otherwise idle machine and the table gives each one's ratio to QAT's;
-``--rounds 2`` runs the whole sequence twice and keeps each variant's best time. ``--paired`` runs each
-variant at the same time as its own QAT run, one thread each, so that a host whose speed drifts (a shared
-or virtual machine) slows both alike; the ratio is then within the pair.
+``--rounds 2`` runs the whole sequence twice and keeps each variant's best time. Every record carries each
+optimizer step's wall time; the table sums them by quarter of the run against QAT's (where the cascade of
+freezing pays off). ``--paired`` runs each variant at the same time as its own QAT run, one thread each, so
+that a host whose speed drifts (a shared or virtual machine) slows both alike; the ratio is then within
+the pair.
 With ``--cold`` every run gets empty build caches (the native CPU kernels and `torch.compile`'s: what a
 first run on a new machine pays); without them, the first run fills the on-disk caches and the others
 reuse them, as a user's later runs do.
@@ -61,8 +63,20 @@ VARIANTS = {
 
 
 def child(args: argparse.Namespace) -> dict[str, Any]:
-    """One training run in this process; returns its record."""
-    from transformers import PrinterCallback
+    """One training run in this process; returns its record (with every optimizer step's wall time)."""
+    from transformers import PrinterCallback, TrainerCallback
+
+    class StepTimer(TrainerCallback):
+        """Wall time of each optimizer step: where in a run LTS gains or loses."""
+
+        def __init__(self) -> None:
+            self.seconds: list[float] = []
+
+        def on_step_begin(self, args, state, control, **kwargs) -> None:
+            self.start = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs) -> None:
+            self.seconds.append(time.perf_counter() - self.start)
 
     from benchmarks import accuracy, speed
     from hf_lts import LTSConfig, LTSTrainer, LTSTrainingArguments
@@ -94,6 +108,8 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
             model=model.train(), args=training_args, lts_config=LTSConfig(**options), train_dataset=train
         )
         trainer.remove_callback(PrinterCallback)
+        timer = StepTimer()
+        trainer.add_callback(timer)
         start = time.perf_counter()
         trainer.train()
         seconds = time.perf_counter() - start
@@ -108,6 +124,7 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
         "train_loss": next(e["train_loss"] for e in trainer.state.log_history if "train_loss" in e),
         **{k: stats[k] for k in ("frozen_ratio", "weight_updates_saved", "backward_flops_saved")},
         "backward_flops_saved_realised": stats["backward_flops_saved_realised"],
+        "step_seconds": timer.seconds,
     }
 
 
@@ -141,16 +158,29 @@ def run_paired(args: argparse.Namespace, model: str, variant: str) -> tuple[dict
     return qat, other
 
 
+def quarters(record: dict[str, Any], qat: dict[str, Any]) -> str:
+    """Summed step times against QAT's in each quarter of the run (the cascade shows as a drop)."""
+    mine, theirs = record.get("step_seconds"), qat.get("step_seconds")
+    if not mine or not theirs or len(mine) != len(theirs):
+        return "—"
+    size = -(-len(mine) // 4)
+    parts = range(0, len(mine), size)
+    return " / ".join(f"{sum(mine[i : i + size]) / sum(theirs[i : i + size]):.2f}" for i in parts)
+
+
 def markdown(records: list[dict[str, Any]]) -> str:
     lines = [
-        "| model | variant | wall s | × QAT | frozen | updates saved | bwd saved, counted | bwd saved, realised |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
+        "| model | variant | wall s | × QAT | steps × QAT by quarter | frozen | updates saved "
+        "| bwd saved, counted | bwd saved, realised |",
+        "|---|---|---:|---:|---|---:|---:|---:|---:|",
     ]
-    qat = {r["model"]: r["wall_seconds"] for r in records if r["variant"] == "qat"}
+    qat = {r["model"]: r for r in records if r["variant"] == "qat"}
     for r in records:
-        ratio = r["wall_seconds"] / qat[r["model"]] if r["model"] in qat else float("nan")
+        base = qat.get(r["model"])
+        ratio = r["wall_seconds"] / base["wall_seconds"] if base else float("nan")
         lines.append(
-            f"| {r['model']} | {r['variant']} | {r['wall_seconds']:.1f} | {ratio:.2f} | {r['frozen_ratio']:.1%} | "
+            f"| {r['model']} | {r['variant']} | {r['wall_seconds']:.1f} | {ratio:.2f} | "
+            f"{quarters(r, base) if base else '—'} | {r['frozen_ratio']:.1%} | "
             f"{r['weight_updates_saved']:.1%} | {r['backward_flops_saved']:.1%} | "
             f"{r['backward_flops_saved_realised']:.1%} |"
         )

@@ -61,7 +61,9 @@ def test_timing_harness_runs_qat_and_lts_back_to_back(tmp_path):
     assert len(qat["wall_seconds_all"]) == 2 and qat["wall_seconds"] == min(qat["wall_seconds_all"]) > 0
     assert qat["frozen_ratio"] == 0 and lts["options"]["channel_completion"] == 0.9
     assert 0 <= lts["backward_flops_saved_realised"] <= lts["backward_flops_saved"] + 1e-9
-    assert timing.markdown(result["records"]).count("| small-resnet18 |") == 2
+    assert len(lts["step_seconds"]) == 4 and 0 < sum(lts["step_seconds"]) < lts["wall_seconds"]
+    table = timing.markdown(result["records"])
+    assert table.count("| small-resnet18 |") == 2 and "| 1.00 / 1.00 / 1.00 / 1.00 |" in table
 
     timing.main([*args, "--paired", "--output", str(output)])  # QAT and LTS at the same time
     qat, lts = json.loads(output.read_text())["records"]

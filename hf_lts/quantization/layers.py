@@ -16,8 +16,9 @@ backward does only the work that can still change something. On a CPU it is one 
 cost more than its kernels on small models); elsewhere, and under autocast, tracing or a dispatch mode, the
 Python function `_QuantizedOp`, which computes the same bits:
 
-- the layer's input is the only activation it keeps; the quantized input is recomputed in the backward
-  (memory as in fp32, where the layer keeps its input too);
+- the layer's input is the only activation it keeps; the quantized input and the quantized weight are
+  recomputed in the backward (memory as in fp32, where the layer keeps its input too; a fully frozen
+  layer's quantized weight is kept by the layer anyway);
 - the weight gradient is computed only for output channels that still have a trainable weight (a slice of
   the output gradient, and a weight backward kernel that reads only those rows), none for a fully frozen
   layer; a frozen weight contributes ``q · s`` with ``s`` detached, so its gradient is zero and it adds
@@ -77,31 +78,34 @@ def _compute_dtype(device: torch.device) -> torch.dtype:
 class _QuantizedOp(torch.autograd.Function):
     """``op(fake_quant(x), fake_quant(w, frozen held), b)`` with the LSQ and LTS backward described above.
 
-    Three fused kernels per layer and step: the forward quantizes input and weight in one; the backward
-    has one for the input (which also recomputes the quantized input the weight gradient needs) and one
-    for the weight, each reducing its step's gradient in the same pass.
+    Fused kernels: the forward quantizes input and weight in one; the backward has one for the input
+    (which also recomputes the quantized input the weight gradient needs), one that recomputes the
+    quantized weight, and one for the weight, each gradient kernel reducing its step's gradient in the
+    same pass.
     """
 
     @staticmethod
     def forward(ctx, x, weight, bias, input_scale, weight_scale, layer):
         aq, wq = layer.input_quantizer, layer.weight_quantizer
         packed, compiled = layer._packed(), aq.fused and wq.fused
-        w_hat = layer._held_weight()
-        if w_hat is None:
+        held = layer._held_weight()
+        if held is None:
             x_hat, w_hat = layer_forward(
                 x.float(), (input_scale, aq.qmin, aq.qmax), weight.float(), (weight_scale, wq.qmin, wq.qmax),
                 packed, compiled,
             )  # fmt: skip
         else:
-            x_hat = lsq_forward(x.float(), input_scale, aq.qmin, aq.qmax, compiled=compiled)
+            x_hat, w_hat = lsq_forward(x.float(), input_scale, aq.qmin, aq.qmax, compiled=compiled), held
         dtype = _compute_dtype(x.device)
         if dtype == torch.float32:
             out = layer._op(x_hat, w_hat, bias)
         else:  # what autocast would do, explicitly, so that the backward can do the same
             with torch.autocast(x.device.type, enabled=False):
                 out = layer._op(x_hat.to(dtype), w_hat.to(dtype), None if bias is None else bias.to(dtype))
-        # The weight-sized quantized weight is kept; the activation-sized quantized input is recomputed.
-        ctx.save_for_backward(x, weight, input_scale, weight_scale, packed, w_hat)
+        # Both quantized tensors are recomputed in the backward (kept, each would cost memory between the
+        # passes: the input activation-sized, the weight a second copy of every layer's weight), except a fully
+        # frozen layer's weight, which the layer keeps anyway.
+        ctx.save_for_backward(x, weight, input_scale, weight_scale, packed, held)
         ctx.layer, ctx.dtype, ctx.active, ctx.compiled = layer, dtype, layer._active_channels, compiled
         ctx.grad_factor = aq.grad_factor(x)
         return out
@@ -111,6 +115,8 @@ class _QuantizedOp(torch.autograd.Function):
         x, weight, input_scale, weight_scale, packed, w_hat = ctx.saved_tensors
         layer, dtype, active, compiled = ctx.layer, ctx.dtype, ctx.active, ctx.compiled
         aq, wq = layer.input_quantizer, layer.weight_quantizer
+        if w_hat is None:
+            w_hat = lsq_forward(weight.float(), weight_scale, wq.qmin, wq.qmax, packed, compiled=compiled)
         need_x, need_input_scale = ctx.needs_input_grad[0], ctx.needs_input_grad[3]
         need_weight = (ctx.needs_input_grad[1] or ctx.needs_input_grad[4]) and (
             active is None or active.numel() > 0

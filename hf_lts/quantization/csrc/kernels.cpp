@@ -638,7 +638,10 @@ struct QuantLayer : public torch::autograd::Function<QuantLayer> {
                                              weight_scale, bounds[2], bounds[3], packed);
     }
     at::Tensor out = op(x_hat, w_hat, bias);
-    ctx->save_for_backward({x, weight, input_scale, weight_scale, packed.value_or(at::Tensor()), w_hat});
+    // ``q·s`` of the weight is recomputed in the backward (one weight-sized pass) rather than kept between the
+    // passes: kept, it costs every layer's weight once more in memory. A fully frozen layer's is kept anyway.
+    ctx->save_for_backward({x, weight, input_scale, weight_scale, packed.value_or(at::Tensor()),
+                            held.has_value() ? w_hat : at::Tensor()});
     ctx->saved_data["active"] = active.value_or(at::Tensor());
     ctx->saved_data["bounds"] = bounds;
     ctx->saved_data["factors"] = factors;
@@ -653,9 +656,12 @@ struct QuantLayer : public torch::autograd::Function<QuantLayer> {
                                                  torch::autograd::variable_list grads) {
     const auto saved = ctx->get_saved_variables();
     const at::Tensor &x = saved[0], &weight = saved[1], &input_scale = saved[2], &weight_scale = saved[3];
-    const at::Tensor &packed = saved[4], &w_hat = saved[5];
-    const at::Tensor active = ctx->saved_data["active"].toTensor();
+    const at::Tensor& packed = saved[4];
     const std::vector<double> bounds = ctx->saved_data["bounds"].toDoubleVector();
+    const at::Tensor w_hat = saved[5].defined() ? saved[5]
+                                                : fake_quant(weight.contiguous(), weight_scale, bounds[2],
+                                                             bounds[3], given(packed));
+    const at::Tensor active = ctx->saved_data["active"].toTensor();
     const std::vector<double> factors = ctx->saved_data["factors"].toDoubleVector();
     const Op op{ctx->saved_data["conv"].toIntVector()};
     const bool has_bias = ctx->saved_data["bias"].toBool();
