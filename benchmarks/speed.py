@@ -5,7 +5,8 @@
 A step is forward + backward + optimizer step + scratcher step on one fixed batch. Every variant lives in
 the same process and the variants are timed round-robin (interleaved), so load from other processes on a
 shared machine hits them alike; the table reports medians and ratios within the run. Peak memory is
-measured in a fresh subprocess per variant (the rise of the peak RSS over a few steps).
+measured in fresh subprocesses per variant (the rise of the peak RSS over a few steps above a baseline
+read after the set-up's freed memory is handed back; the median of ``--memory-repeats`` processes).
 
 LTS variants freeze 0–100 % of the quantized weights, with masks either taken from a real LTS run (the
 model trained briefly on Fashion-MNIST or, without it, scikit-learn's digits; the mask is snapshotted at
