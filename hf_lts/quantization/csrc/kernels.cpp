@@ -198,18 +198,20 @@ at::Tensor backward_pass(const at::Tensor& x, const at::Tensor& scale, double qm
   return channel_sums(l, partial, x);
 }
 
-// ``(∂L/∂x, Σ grad ⊙ ∂(q·s)/∂s per step)`` of a weight from the gradient of its fake-quantized value.
-std::tuple<at::Tensor, at::Tensor> weight_grad(const at::Tensor& x, const at::Tensor& scale, double qmin,
-                                               double qmax, const at::Tensor& grad,
-                                               const std::optional<at::Tensor>& packed) {
+// ``(∂L/∂x, Σ grad ⊙ ∂(q·s)/∂s per step)`` of a weight from the gradient of its fake-quantized value; with
+// ``in_place``, ∂L/∂x is written over ``grad`` (one weight-sized buffer less per layer and step).
+std::tuple<at::Tensor, at::Tensor> weight_grad_into(const at::Tensor& x, const at::Tensor& scale, double qmin,
+                                                    double qmax, const at::Tensor& grad,
+                                                    const std::optional<at::Tensor>& packed, bool in_place) {
   TORCH_CHECK(grad.scalar_type() == at::kFloat && grad.is_contiguous() && grad.numel() == x.numel(),
               "hf_lts: the gradient must be a contiguous float32 tensor shaped like the input");
-  at::Tensor grad_x = at::empty_like(x);
-  const float* __restrict g = grad.data_ptr<float>();
-  float* __restrict gx = grad_x.data_ptr<float>();
+  at::Tensor grad_x = in_place ? grad.view(x.sizes()) : at::empty_like(x);
+  const float* g = grad.data_ptr<float>();
+  float* gx = grad_x.data_ptr<float>();
   const auto grad_at = [&](int64_t i, float inside) {
-    gx[i] = g[i] * inside;
-    return g[i];
+    const float gi = g[i];
+    gx[i] = gi * inside;
+    return gi;
   };
   const auto nothing = [](int64_t, float) {};
   at::Tensor grad_scale =
@@ -217,6 +219,12 @@ std::tuple<at::Tensor, at::Tensor> weight_grad(const at::Tensor& x, const at::Te
           ? backward_pass<true>(x, scale, qmin, qmax, packed_ptr(packed, x), grad_at, nothing)
           : backward_pass<false>(x, scale, qmin, qmax, nullptr, grad_at, nothing);
   return {grad_x, grad_scale};
+}
+
+std::tuple<at::Tensor, at::Tensor> weight_grad(const at::Tensor& x, const at::Tensor& scale, double qmin,
+                                               double qmax, const at::Tensor& grad,
+                                               const std::optional<at::Tensor>& packed) {
+  return weight_grad_into(x, scale, qmin, qmax, grad, packed, false);
 }
 
 // `weight_grad` of a weight ``[rows, K]`` of which only ``rows_with_grad`` (the output channels with a
@@ -698,7 +706,8 @@ struct QuantLayer : public torch::autograd::Function<QuantLayer> {
         std::tie(grad_weight, grad_weight_scale) =
             active.defined() ? weight_grad_rows(wc.view({wc.size(0), -1}), weight_scale, bounds[2], bounds[3],
                                                 grad_w_hat, packed, active)
-                             : weight_grad(wc, weight_scale, bounds[2], bounds[3], grad_w_hat, given(packed));
+                             : weight_grad_into(wc, weight_scale, bounds[2], bounds[3], grad_w_hat, given(packed),
+                                                true);
       }
       grad_weight = grad_weight.view(weight.sizes());
       grad_weight_scale = grad_weight_scale.mul(factors[1]);
