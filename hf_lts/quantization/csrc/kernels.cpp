@@ -198,20 +198,18 @@ at::Tensor backward_pass(const at::Tensor& x, const at::Tensor& scale, double qm
   return channel_sums(l, partial, x);
 }
 
-// ``(∂L/∂x, Σ grad ⊙ ∂(q·s)/∂s per step)`` of a weight from the gradient of its fake-quantized value; with
-// ``in_place``, ∂L/∂x is written over ``grad`` (one weight-sized buffer less per layer and step).
-std::tuple<at::Tensor, at::Tensor> weight_grad_into(const at::Tensor& x, const at::Tensor& scale, double qmin,
-                                                    double qmax, const at::Tensor& grad,
-                                                    const std::optional<at::Tensor>& packed, bool in_place) {
+// ``(∂L/∂x, Σ grad ⊙ ∂(q·s)/∂s per step)`` of a weight from the gradient of its fake-quantized value.
+std::tuple<at::Tensor, at::Tensor> weight_grad(const at::Tensor& x, const at::Tensor& scale, double qmin,
+                                               double qmax, const at::Tensor& grad,
+                                               const std::optional<at::Tensor>& packed) {
   TORCH_CHECK(grad.scalar_type() == at::kFloat && grad.is_contiguous() && grad.numel() == x.numel(),
               "hf_lts: the gradient must be a contiguous float32 tensor shaped like the input");
-  at::Tensor grad_x = in_place ? grad.view(x.sizes()) : at::empty_like(x);
-  const float* g = grad.data_ptr<float>();
-  float* gx = grad_x.data_ptr<float>();
+  at::Tensor grad_x = at::empty_like(x);
+  const float* __restrict g = grad.data_ptr<float>();
+  float* __restrict gx = grad_x.data_ptr<float>();
   const auto grad_at = [&](int64_t i, float inside) {
-    const float gi = g[i];
-    gx[i] = gi * inside;
-    return gi;
+    gx[i] = g[i] * inside;
+    return g[i];
   };
   const auto nothing = [](int64_t, float) {};
   at::Tensor grad_scale =
@@ -219,12 +217,6 @@ std::tuple<at::Tensor, at::Tensor> weight_grad_into(const at::Tensor& x, const a
           ? backward_pass<true>(x, scale, qmin, qmax, packed_ptr(packed, x), grad_at, nothing)
           : backward_pass<false>(x, scale, qmin, qmax, nullptr, grad_at, nothing);
   return {grad_x, grad_scale};
-}
-
-std::tuple<at::Tensor, at::Tensor> weight_grad(const at::Tensor& x, const at::Tensor& scale, double qmin,
-                                               double qmax, const at::Tensor& grad,
-                                               const std::optional<at::Tensor>& packed) {
-  return weight_grad_into(x, scale, qmin, qmax, grad, packed, false);
 }
 
 // `weight_grad` of a weight ``[rows, K]`` of which only ``rows_with_grad`` (the output channels with a
@@ -679,13 +671,14 @@ struct QuantLayer : public torch::autograd::Function<QuantLayer> {
     const bool need_weight = (ctx->needs_input_grad(1) || ctx->needs_input_grad(3)) &&
                              (!active.defined() || active.numel() > 0);
     const bool need_bias = has_bias && ctx->needs_input_grad(4);
+    const bool need_x_hat = need_weight || need_bias;  // the quantized input: read by those gradients only
     const at::Tensor xc = x.contiguous();
     at::Tensor grad_x, grad_input_scale, grad_weight, grad_weight_scale, grad_bias, x_hat;
     if (need_x) {  // the input gradient takes the place of ∂L/∂x̂
       at::Tensor grad_flat = op.grad_input(grad_out, x, w_hat).reshape({-1});
       at::Tensor step_sum;
       std::tie(step_sum, x_hat) =
-          input_grad_into(xc, input_scale, bounds[0], bounds[1], grad_flat, need_weight || need_bias);
+          input_grad_into(xc, input_scale, bounds[0], bounds[1], grad_flat, need_x_hat);
       grad_x = grad_flat.view(x.sizes());
       if (need_input_scale) grad_input_scale = step_sum.mul(factors[0]);
     } else if (need_input_scale) {  // Σ ∂L/∂x̂ ⊙ dq = Σ ∂L/∂y ⊙ op(dq, ŵ)
@@ -693,7 +686,7 @@ struct QuantLayer : public torch::autograd::Function<QuantLayer> {
       std::tie(dq, x_hat) = input_step_terms(xc, input_scale, bounds[0], bounds[1]);
       const at::Tensor y = op(dq, w_hat, std::nullopt);
       grad_input_scale = at::dot(grad_out.reshape({-1}), y.reshape({-1})).reshape({1}).mul(factors[0]);
-    } else if (need_weight || need_bias) {
+    } else if (need_x_hat) {
       x_hat = fake_quant(xc, input_scale, bounds[0], bounds[1], std::nullopt);
     }
     if (need_weight) {
@@ -706,8 +699,7 @@ struct QuantLayer : public torch::autograd::Function<QuantLayer> {
         std::tie(grad_weight, grad_weight_scale) =
             active.defined() ? weight_grad_rows(wc.view({wc.size(0), -1}), weight_scale, bounds[2], bounds[3],
                                                 grad_w_hat, packed, active)
-                             : weight_grad_into(wc, weight_scale, bounds[2], bounds[3], grad_w_hat, given(packed),
-                                                true);
+                             : weight_grad(wc, weight_scale, bounds[2], bounds[3], grad_w_hat, given(packed));
       }
       grad_weight = grad_weight.view(weight.sizes());
       grad_weight_scale = grad_weight_scale.mul(factors[1]);
