@@ -7,7 +7,8 @@
 - **Exit.** A process that exits while its gloo/NCCL process group is alive can die in the group's C++
   destructor (``terminate called without an active exception``, SIGABRT) — typically the rank that
   finishes first while another still writes — and the launcher then reports the whole job as failed.
-  `destroy_process_group_at_exit` destroys the group from an ``atexit`` handler, before interpreter teardown.
+  `destroy_process_group_at_exit` destroys the group from an ``atexit`` handler, before interpreter teardown,
+  and collects what still holds it, so that no gloo thread outlives the handler.
 - **Dead ranks.** A collective whose peer died fails (gloo: at once; otherwise after ``ddp_timeout``);
   `dead_rank_error` turns that into one line that names the last complete checkpoint to resume from.
 - **Pushes during training.** `background_push` uploads a snapshot of the packed export with its card and
@@ -18,6 +19,7 @@
 from __future__ import annotations
 
 import atexit
+import gc
 import json
 import logging
 import os
@@ -150,6 +152,10 @@ def _destroy_process_group() -> None:
         from accelerate import PartialState
 
         PartialState().destroy_process_group()
+    # Destroying the group only unregisters it: its C++ object, and with it the gloo threads, lives on while
+    # DDP's reducer holds it, and the Trainer's reference cycles keep that alive until the interpreter's
+    # teardown. Collected here, the threads are joined while the interpreter is still whole.
+    gc.collect()
 
 
 def is_collective_failure(error: BaseException) -> bool:

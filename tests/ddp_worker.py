@@ -5,18 +5,21 @@
 digest of its model state (BatchNorm running statistics excluded: they are per rank under DDP) and its LTS
 statistics. ``--kill-at WHERE:STEP`` makes rank ``--kill-rank`` SIGKILL itself: ``step`` after the backward
 of step STEP, before its optimizer step; ``save`` while writing ``checkpoint-STEP`` (its weights file half
-written); ``export`` while writing the final export (likewise). ``grad``: one step of a BatchNorm-free model; rank 0 writes the
+written); ``export`` while writing the final export (likewise). Every ``train`` run also writes, from the
+last ``atexit`` handler, the names of the threads its process still has (``threads{rank}.json``). ``grad``: one step of a BatchNorm-free model; rank 0 writes the
 all-reduced gradient, to compare a 2-process run with a 1-process run of the same global batch.
 """
 
 from __future__ import annotations
 
 import argparse
+import atexit
 import hashlib
 import json
 import os
 import signal
 import sys
+from pathlib import Path
 
 import torch
 import transformers.modeling_utils
@@ -110,6 +113,19 @@ def kill_while_writing(where: str, step: int) -> None:
     transformers.modeling_utils.safe_save_file = torn_save
 
 
+def record_threads_at_exit(out: str) -> None:
+    """Registered before the trainer (atexit runs handlers last-in first-out), so this runs after hf-lts's
+    exit handler: what is left for the interpreter's teardown."""
+    rank = os.environ.get("RANK", "0")
+
+    def record() -> None:
+        task = f"/proc/{os.getpid()}/task"
+        names = [Path(task, t, "comm").read_text().strip() for t in os.listdir(task)]
+        Path(out, f"threads{rank}.json").write_text(json.dumps(names))
+
+    atexit.register(record)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("mode", choices=["train", "grad"])
@@ -131,6 +147,8 @@ def main() -> None:
         else:
             kill_while_writing(where, int(step))
 
+    if a.mode == "train":
+        record_threads_at_exit(a.out)
     model = NoNormNet() if a.mode == "grad" else tiny_resnet()
     args = LTSTrainingArguments(
         output_dir=a.out,

@@ -70,6 +70,15 @@ def test_every_rank_holds_the_same_model_and_lts_state(straight_run):
     ]
 
 
+def test_no_process_group_thread_outlives_the_exit_handler(straight_run):
+    """The group's gloo threads are joined in hf-lts's ``atexit`` handler, not in the interpreter's
+    teardown, where a thread that outlives the interpreter can abort the process (SIGABRT)."""
+    for rank in (0, 1):
+        threads = json.loads((straight_run / f"threads{rank}.json").read_text())
+        assert threads  # the main thread at least: the record was written at exit
+        assert [t for t in threads if "gloo" in t] == [], threads
+
+
 def test_resume_under_ddp_is_exact(straight_run, tmp_path):
     checkpoint = straight_run / "checkpoint-5"
     run(torchrun(WORKER, "train", "--out", str(tmp_path), "--steps", "10", "--resume", str(checkpoint)), REPO)
