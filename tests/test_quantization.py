@@ -11,7 +11,7 @@ from torch.nn import functional as F
 
 from hf_lts import LTSConfig, QuantConv2d, QuantLinear, prepare_model
 from hf_lts.quantization import layers as layer_module
-from hf_lts.quantization import native, quantized_layers
+from hf_lts.quantization import native, quantized_layers, state
 from hf_lts.quantization.lsq import fake_quantize, lsq_forward, signed_range, unsigned_range
 
 
@@ -59,6 +59,21 @@ def test_weight_quantizer_lsq_init_and_grad_factor():
     per_tensor = QuantLinear.from_float(nn.Linear(10, 3), weight_bits=2, activation_bits=2)
     assert per_tensor.weight_quantizer.scale.shape == (1,)
     assert per_tensor.weight_quantizer.grad_factor == pytest.approx(1 / math.sqrt(30 * 1))
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+@pytest.mark.parametrize("module", [nn.Conv2d(96, 160, 3), nn.Linear(700, 300)])
+def test_initial_state_built_block_by_block_is_that_of_the_whole_weight(module, per_channel):
+    """`_initial_state` computes the levels one block of output channels at a time (several blocks here);
+    the state must be the one packed from the whole weight's levels."""
+    layer = (QuantConv2d if isinstance(module, nn.Conv2d) else QuantLinear).from_float(
+        module, 3, 4, per_channel
+    )
+    assert layer.weight[0].numel() * layer.weight.shape[0] > 2 * (1 << 16)  # more than one block
+    levels, _ = layer.weight_quantizer.levels(layer.weight)
+    expected = state.pack_trainable(levels, torch.full_like(levels, state.DISTANCE_ONE, dtype=torch.int32))
+    assert torch.equal(layer.lts_state, expected)
+    assert torch.equal(state.levels(layer.lts_state), levels.to(state.levels(layer.lts_state).dtype))
 
 
 def test_activation_quantizer_sign_and_init_from_first_batch():
