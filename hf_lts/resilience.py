@@ -8,7 +8,7 @@
   destructor (``terminate called without an active exception``, SIGABRT) — typically the rank that
   finishes first while another still writes — and the launcher then reports the whole job as failed.
   `destroy_process_group_at_exit` destroys the group from an ``atexit`` handler, before interpreter teardown,
-  and collects what still holds it, so that no gloo thread outlives the handler.
+  after the trainer has let go of its DDP wrapper, and collects it, so that no gloo thread outlives the handler.
 - **Dead ranks.** A collective whose peer died fails (gloo: at once; otherwise after ``ddp_timeout``);
   `dead_rank_error` turns that into one line that names the last complete checkpoint to resume from.
 - **Pushes during training.** `background_push` uploads a snapshot of the packed export with its card and
@@ -26,6 +26,7 @@ import os
 import re
 import shutil
 import tempfile
+import weakref
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -39,6 +40,7 @@ logger = logging.getLogger(__name__)
 COMPLETE_MARKER = "lts_checkpoint_complete.json"
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 _exit_hook_registered = False
+_exit_releases: list[weakref.WeakMethod] = []
 _uploads: ThreadPoolExecutor | None = None
 
 
@@ -134,27 +136,38 @@ def resolve_resume(resume_from_checkpoint: str | bool | None, output_dir: str) -
 
 
 # -- processes -----------------------------------------------------------------------------------------------
-def destroy_process_group_at_exit() -> None:
+def destroy_process_group_at_exit(release: Callable[[], None] | None = None) -> None:
     """Destroy the default process group when the interpreter exits (registered once per process).
 
     Safe in users' scripts: it runs after their code, does nothing when the group is already gone (a script
     that calls ``destroy_process_group()`` itself), and destroying a group is local to the process — no
     collective, so it cannot hang on a rank that has died or is still working.
+
+    Destroying the group only unregisters it: its C++ object, and with it the gloo threads, lives on while
+    DDP's reducer holds it. ``release`` (a bound method, held weakly) is called first to drop its owner's
+    references to the DDP wrapper, then everything unreachable is collected, so that the threads are joined
+    while the interpreter is still whole, even when a script keeps its trainer in a global.
     """
     global _exit_hook_registered
+    if release is not None:
+        _exit_releases.append(weakref.WeakMethod(release))
     if not _exit_hook_registered:
         atexit.register(_destroy_process_group)
         _exit_hook_registered = True
 
 
 def _destroy_process_group() -> None:
+    for ref in _exit_releases:
+        release = ref()
+        if release is not None:
+            try:
+                release()
+            except Exception:  # the exit goes on: the group is still destroyed below
+                logger.warning("Releasing the process group's users at exit failed", exc_info=True)
     if dist.is_available() and dist.is_initialized():
         from accelerate import PartialState
 
         PartialState().destroy_process_group()
-    # Destroying the group only unregisters it: its C++ object, and with it the gloo threads, lives on while
-    # DDP's reducer holds it, and the Trainer's reference cycles keep that alive until the interpreter's
-    # teardown. Collected here, the threads are joined while the interpreter is still whole.
     gc.collect()
 
 

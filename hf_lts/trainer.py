@@ -238,8 +238,15 @@ class LTSTrainer(Trainer):
             self.add_callback(_FrozenAllReduceCallback(self))
         self.add_callback(_CheckpointCompleteCallback(self))
         if self.args.parallel_mode == ParallelMode.DISTRIBUTED:
-            destroy_process_group_at_exit()
+            destroy_process_group_at_exit(self._release_process_group)
         self._checkpoint_push: Future | None = None
+
+    def _release_process_group(self) -> None:
+        """At exit, before the process group is destroyed: drop the DDP wrapper (its reducer holds the group)
+        from the Trainer and Accelerate, so that it can be collected while the interpreter is whole."""
+        self.model_wrapped = self.model
+        self.allreduce_state = None
+        self.accelerator.free_memory()
 
     @staticmethod
     def _prepare(model: nn.Module, lts_config: LTSConfig | None) -> nn.Module:

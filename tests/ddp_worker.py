@@ -5,8 +5,9 @@
 digest of its model state (BatchNorm running statistics excluded: they are per rank under DDP) and its LTS
 statistics. ``--kill-at WHERE:STEP`` makes rank ``--kill-rank`` SIGKILL itself: ``step`` after the backward
 of step STEP, before its optimizer step; ``save`` while writing ``checkpoint-STEP`` (its weights file half
-written); ``export`` while writing the final export (likewise). Every ``train`` run also writes, from the
-last ``atexit`` handler, the names of the threads its process still has (``threads{rank}.json``). ``grad``: one step of a BatchNorm-free model; rank 0 writes the
+written); ``export`` while writing the final export (likewise). Every ``train`` run keeps its trainer alive
+to the end, as a script written at module level does, and writes, from the last ``atexit`` handler, the
+names of the threads its process still has (``threads{rank}.json``). ``grad``: one step of a BatchNorm-free model; rank 0 writes the
 all-reduced gradient, to compare a 2-process run with a 1-process run of the same global batch.
 """
 
@@ -113,6 +114,9 @@ def kill_while_writing(where: str, step: int) -> None:
     transformers.modeling_utils.safe_save_file = torn_save
 
 
+KEPT: list[LTSTrainer] = []  # the trainer, held by a global until the interpreter's teardown
+
+
 def record_threads_at_exit(out: str) -> None:
     """Registered before the trainer (atexit runs handlers last-in first-out), so this runs after hf-lts's
     exit handler: what is left for the interpreter's teardown."""
@@ -173,6 +177,7 @@ def main() -> None:
     trainer = LTSTrainer(
         model=model, args=args, lts_config=config, train_dataset=dataset(64), callbacks=[capture, *callbacks]
     )
+    KEPT.append(trainer)
     trainer.train(resume_from_checkpoint=a.resume)
     rank = trainer.args.process_index
     if a.mode == "grad":
