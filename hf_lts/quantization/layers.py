@@ -185,7 +185,7 @@ class QuantLayerMixin:
             levels, _ = quantize_levels(
                 self.weight[rows], wq.scale[rows] if wq.per_channel else wq.scale, wq.qmin, wq.qmax
             )
-            state.initial_state(levels, packed[rows])
+            packed[rows] = state.initial_state(levels)
         return packed
 
     @classmethod

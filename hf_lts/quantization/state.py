@@ -27,11 +27,9 @@ DISTANCE_MAX = DISTANCE_MASK / DISTANCE_ONE
 LATENT_MASK = 0xFFFF
 
 
-def initial_state(levels: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Trainable weights at ``levels`` with distance 1 (a whole step: nothing is close yet), into ``out``
-    (int32, shaped like ``levels``) if given: the `pack_trainable` of that distance."""
-    out = torch.empty_like(levels, dtype=torch.int32) if out is None else out
-    return out.copy_(levels).mul_(1 << LEVEL_SHIFT).add_(DISTANCE_ONE)
+def initial_state(levels: torch.Tensor) -> torch.Tensor:
+    """Trainable weights at ``levels`` with distance 1 (a whole step: nothing is close yet)."""
+    return pack_trainable(levels, torch.full_like(levels, DISTANCE_ONE, dtype=torch.int32))
 
 
 def pack_trainable(levels: torch.Tensor, distance_fixed: torch.Tensor) -> torch.Tensor:
