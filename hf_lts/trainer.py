@@ -26,7 +26,6 @@ from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 
 from .card import write_model_card
 from .config import LTSConfig
-from .data import collate_fn
 from .distributed import FrozenAwareAllReduceState, register_frozen_aware_hook
 from .export import ONNX_FILE
 from .export.onnx import refresh_onnx
@@ -162,6 +161,14 @@ class _CheckpointCompleteCallback(TrainerCallback):
             )
 
 
+def _default_collator():
+    """`hf_lts.data.collate_fn`, imported on use: `hf_lts.data` imports `datasets` (0.6 s), which a model
+    loaded with ``import hf_lts`` and trained without the Trainer's default collation never needs."""
+    from .data import collate_fn
+
+    return collate_fn
+
+
 class LTSTrainer(Trainer):
     """A `Trainer` for LTS quantization-aware training (``hf_lts/LTS.md``).
 
@@ -218,7 +225,7 @@ class LTSTrainer(Trainer):
         super().__init__(
             model=model,
             args=args,
-            data_collator=data_collator if data_collator is not None else collate_fn,
+            data_collator=data_collator if data_collator is not None else _default_collator(),
             compute_metrics=compute_metrics if compute_metrics is not None else accuracy_metrics,
             **kwargs,
         )
