@@ -127,9 +127,9 @@ def checked_layers(model: nn.Module) -> dict[str, QuantLayerMixin]:
 
 
 def _stats_summary(model: nn.Module) -> dict[str, Any]:
-    from ..scratcher import LotteryTicketScratcher  # the scratcher imports the layers, not this module
+    from ..scratcher import layer_stats  # the scratcher imports the layers, not this module
 
-    stats = LotteryTicketScratcher(model, compile=False).stats()
+    stats = layer_stats(quantized_layers(model))
     stats.pop("total_steps", None)  # a setting of the scratcher, not a property of the model
     return stats
 
