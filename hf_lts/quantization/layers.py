@@ -103,7 +103,7 @@ class _QuantizedOp(torch.autograd.Function):
         x_range, w_range = (input_scale, aq.qmin, aq.qmax), (weight_scale, wq.qmin, wq.qmax)
         if dtype != torch.float32:
             with torch.autocast(x.device.type, enabled=False):
-                x_c, w_c, rx, rw = layer_levels(xk, x_range, weight, w_range, packed, dtype, backend)
+                x_c, w_c, rx, rw, w_hat = layer_levels(xk, x_range, weight, w_range, packed, dtype, backend)
                 out = layer._op(x_c, w_c, None)
                 bias_c = None if bias is None else layer._channel_view(bias)
                 out = rescale(out, layer._channel_view(rx * rw), bias_c, backend)
@@ -113,10 +113,13 @@ class _QuantizedOp(torch.autograd.Function):
             else:
                 x_hat, w_hat = lsq_forward(xk, input_scale, aq.qmin, aq.qmax, backend=backend), held
             out = layer._op(x_hat, w_hat, bias)
-        # Both quantized tensors are recomputed in the backward (kept, each would cost memory between the
-        # passes: the input activation-sized, the weight a second copy of every layer's weight), except a fully
-        # frozen layer's weight, which the layer keeps anyway.
-        ctx.save_for_backward(x, weight, input_scale, weight_scale, packed, held)
+        # The quantized input is recomputed in the backward (kept, it would cost activation-sized memory
+        # between the passes). So is the quantized weight on a CPU (a second copy of every layer's weight),
+        # except a fully frozen layer's, which the layer keeps anyway; off the CPU it is kept: a kernel call
+        # costs more host time than its memory is worth there.
+        if backend == "native":
+            w_hat = held
+        ctx.save_for_backward(x, weight, input_scale, weight_scale, packed, w_hat)
         ctx.layer, ctx.dtype, ctx.active, ctx.backend = layer, dtype, layer._active_channels, backend
         ctx.grad_factor = aq.grad_factor(x)
         return out

@@ -178,12 +178,12 @@ def _power_of_two(scale):
 def _layer_levels_math(x, x_scale, x_min, x_max, w, w_scale, w_min, w_max, packed, dtype):
     """A layer's forward for a low-precision convolution / matmul: input and weight levels times a power of
     two (``q · 2^e``: exact in bfloat16 and float16 for 8-bit levels), in ``dtype``, and the rest of each
-    step (``r``, float32) by which the caller rescales the output."""
+    step (``r``, float32) by which the caller rescales the output; and the quantized weight (the backward's)."""
     _, _, qx, _ = _levels(x, x_scale, x_min, x_max, None)
     _, _, qw, _ = _levels(w, w_scale, w_min, w_max, packed)
     px, rx = _power_of_two(x_scale)
     pw, rw = _power_of_two(w_scale)
-    return (qx * px.view(-1, 1)).to(dtype), (qw * pw.view(-1, 1)).to(dtype), rx, rw
+    return (qx * px.view(-1, 1)).to(dtype), (qw * pw.view(-1, 1)).to(dtype), rx, rw, _dequantize(qw, w_scale)
 
 
 def _grad_rows_math(x, scale, qmin, qmax, grad, packed, rows):
@@ -394,14 +394,15 @@ def layer_levels(
     packed: torch.Tensor,
     dtype: torch.dtype,
     backend: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`_layer_levels_math` of a layer: ``(q_x · 2^e, q_w · 2^e)`` in ``dtype`` and the rest of the steps."""
+) -> tuple[torch.Tensor, ...]:
+    """`_layer_levels_math` of a layer: ``(q_x · 2^e, q_w · 2^e)`` in ``dtype``, the rest of the steps, and
+    ``q_w · s_w``."""
     backend = (
         "eager" if backend == "native" else backend
     )  # (no native kernel: low precision is off the CPU path)
     args = [*_quantized(x, *x_range, backend, False), *_quantized(w, *w_range, backend, True)]
-    xq, wq, rx, rw = _KERNELS["layer_levels"](*args, _rows(packed, True), dtype, backend=backend)
-    return _shaped(xq, x), wq.view(w.shape), rx, rw
+    xq, wq, rx, rw, w_hat = _KERNELS["layer_levels"](*args, _rows(packed, True), dtype, backend=backend)
+    return _shaped(xq, x), wq.view(w.shape), rx, rw, w_hat.view(w.shape)
 
 
 def rescale(out: torch.Tensor, factor: torch.Tensor, bias: torch.Tensor | None, backend: str) -> torch.Tensor:
