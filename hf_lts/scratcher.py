@@ -6,6 +6,7 @@ It works on the LTS state buffers of a prepared model and knows nothing of the T
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -136,6 +137,7 @@ _UPDATE = Kernel(
 )
 
 
+@functools.lru_cache(maxsize=1024)
 def completion_count(share: float, per_row: int) -> int:
     """The fewest frozen weights of ``per_row`` that complete a channel at ``share``: the count ``c`` from
     which ``c / per_row ≥ share`` in float32, as the native update compares."""

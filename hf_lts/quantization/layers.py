@@ -277,8 +277,9 @@ class QuantLayerMixin:
     def _set_frozen_counts(self, per_channel: np.ndarray) -> None:
         """`_refresh_active_channels` from frozen weights per channel as the host has them (the compiled and
         eager scratcher read them back one step late, without waiting for the device: freezing is monotone,
-        so a late active set only computes gradients that are exact zeros). Off the CPU the active channels
-        are padded to a multiple of 8 (tensor-core friendly shapes); the padding channels are frozen ones."""
+        so a late active set only computes gradients that are exact zeros). The active channels are padded
+        to a multiple of 8 with frozen ones: tensor-core friendly shapes, and no count of 1, for which the
+        compiled kernels would specialise."""
         self._num_frozen = int(per_channel.sum())
         trainable = per_channel < self.weight[0].numel()
         active = np.flatnonzero(trainable)
@@ -286,7 +287,7 @@ class QuantLayerMixin:
         if self._num_frozen == 0 or not self._skips_channels and active.size:
             self._active_channels = None
             return
-        if self.weight.device.type != "cpu" and active.size % 8:
+        if active.size % 8:
             pad = np.flatnonzero(~trainable)[: 8 - active.size % 8]
             active = np.sort(np.concatenate([active, pad]))
         if active.size and 1 - active.size / channels < self.min_skipped_share:

@@ -25,11 +25,13 @@ from __future__ import annotations
 
 import functools
 import math
+import types
 from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch._dynamo.decorators import mark_unbacked
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from . import backend as backends
@@ -72,7 +74,7 @@ class Kernel:
         mutates: tuple[int, ...] = (),
     ) -> None:
         self.fn, self.native, self.scalars, self.mutates = fn, native, scalars, mutates
-        self._compiled: Callable[..., object] | None = None
+        self._compiled: dict[tuple[bool, ...], Callable[..., object]] = {}
         functools.update_wrapper(self, fn)
 
     def __call__(self, *args: object, backend: str) -> object:
@@ -84,18 +86,31 @@ class Kernel:
             if self.mutates:
                 torch.autograd.graph.increment_version([args[i] for i in self.mutates])
             return out
-        if self._compiled is None:
-            self._compiled = _compile(self.fn)
+        # One compiled function per variant (1-D arguments of one element or more: per-tensor or per-channel
+        # steps; arguments given or None), each a code object of its own: Dynamo would otherwise count the
+        # first use of a variant, however late in a run, as a recompile of the other.
+        variant = tuple(
+            a.numel() == 1 if isinstance(a, torch.Tensor) and a.dim() == 1 else a is None for a in args
+        )
+        compiled = self._compiled.get(variant)
+        if compiled is None:
+            compiled = self._compiled[variant] = _compile(_copy(self.fn, len(self._compiled)))
         device = next(a.device for a in args if isinstance(a, torch.Tensor))
         tensors = [
             _scalar(a, self.scalars[i], device, i) if i in self.scalars and a is not None else a
             for i, a in enumerate(args)
         ]
         try:
-            return self._compiled(*tensors)
+            return compiled(*tensors)
         except Exception as err:  # a missing or broken compiler shows up at the first call
             backends.demote("compiled", err)
             return self.fn(*args)
+
+
+def _copy(fn: Callable[..., object], index: int) -> Callable[..., object]:
+    """``fn`` with a code object of its own (Dynamo keeps its compiled graphs per code object)."""
+    code = fn.__code__.replace(co_name=f"{fn.__name__}_{index}")
+    return types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__, fn.__closure__)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -302,8 +317,18 @@ def _quantized(
     x: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int, backend: str, weight: bool
 ) -> list[torch.Tensor | int]:
     """A kernel's arguments for one quantized tensor: flat float32 for the native kernels, `_rows` else."""
-    x = _flat(x).float() if backend == "native" else _rows(x, weight)
+    x = _flat(x).float() if backend == "native" else _unspecialized(_rows(x, weight), weight)
     return [x, _flat(scale).float(), qmin, qmax]
+
+
+def _unspecialized(rows: torch.Tensor, weight: bool) -> torch.Tensor:
+    """``rows`` with its sizes unbacked for `torch.compile` where they are an activation's: a size of 1 (a
+    1×1 feature map, a batch of one) would otherwise make a graph of its own, compiled whenever a layer of
+    that shape first takes a path, however late in a run."""
+    if not weight:
+        mark_unbacked(rows, 0)
+        mark_unbacked(rows, 1)
+    return rows
 
 
 def _run(name: str, args: list[torch.Tensor], packed: torch.Tensor | None, backend: str):
@@ -348,7 +373,7 @@ def lsq_backward(
     backend = backend or backends.select(x.device)
     weight = weight or scale.numel() > 1
     args = _quantized(x, scale, qmin, qmax, backend, weight)
-    g = _flat(grad) if backend == "native" else _rows(same_layout(grad, x), weight)
+    g = _flat(grad) if backend == "native" else _unspecialized(_rows(same_layout(grad, x), weight), weight)
     grad_x, partial = _run("grad", [*args, g], packed, backend)
     return _shaped(grad_x, x), _per_step(partial, scale) * grad_factor
 
@@ -417,7 +442,7 @@ def input_backward(
     """``(grad_x, Σ grad ⊙ ∂(q·s)/∂s, q·s)`` of a layer's input in one pass (the step's sum without
     ``grad_factor``). ``grad_x`` takes the place of ``grad``, which must not be used afterwards."""
     # ``grad`` itself where its layout allows, else a copy: the kernel writes into it
-    grad_x = _flat(grad) if backend == "native" else _rows(same_layout(grad, x), False)
+    grad_x = _flat(grad) if backend == "native" else _unspecialized(_rows(same_layout(grad, x), False), False)
     partial, x_hat = _KERNELS["input_grad"](
         *_quantized(x, scale, qmin, qmax, backend, False), grad_x, backend=backend
     )
