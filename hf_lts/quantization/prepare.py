@@ -77,6 +77,9 @@ def prepare_model(model: nn.Module, config: LTSConfig) -> nn.Module:
             f"No layer of {type(model).__name__} would be quantized with {config}: every conv/linear layer is "
             "excluded by modules_to_not_convert or kept in fp32 by first_layer_bits/last_layer_bits."
         )
+    from ..integrations.keys import check_no_converted_tensors  # here: the integrations build on this module
+
+    check_no_converted_tensors(model, [name for name, bits in plan.items() if bits is not None])
     for name, bits in plan.items():
         if bits is None:
             continue

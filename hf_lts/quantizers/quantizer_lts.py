@@ -21,6 +21,7 @@ from transformers.quantizers.base import HfQuantizer
 
 from ..config import LTSConfig
 from ..export.packed import PACKED_FORMAT, Header, LTSCheckpointError, export_state_dict
+from ..integrations.keys import converted_key_test, loaded_key_renamer
 from ..integrations.lts import replace_with_placeholders, restore_quantized_layers
 from ..quantization.prepare import layer_bits, prepare_model
 
@@ -105,6 +106,7 @@ class LTSHfQuantizer(HfQuantizer):
         if not checkpoint_files:
             raise LTSCheckpointError("LTS checkpoints load from safetensors files (no state_dict argument).")
         header = Header(checkpoint_files)
+        header.rename(loaded_key_renamer(model, self))
         packed = header.metadata.get("lts_format")
         if packed not in (None, PACKED_FORMAT):
             raise LTSCheckpointError(f"Unknown LTS checkpoint format {packed!r}: upgrade hf-lts to load it.")
@@ -114,8 +116,10 @@ class LTSHfQuantizer(HfQuantizer):
             self._check_recorded_bits(header, plan)
         self._placeholders = replace_with_placeholders(model, config, header, bool(packed))
         # The other tensors: transformers would only warn about a missing one, and initialise it at random.
+        # (Those it saves fused with others it checks itself, when it splits them.)
+        converted = converted_key_test(model)
         for key, tensor in model.state_dict().items():
-            if key not in getattr(model, "all_tied_weights_keys", {}):
+            if key not in getattr(model, "all_tied_weights_keys", {}) and not converted(key):
                 header.check(key, tuple(tensor.shape), None, f"{type(model).__name__} built from config.json")
         return model
 
