@@ -34,6 +34,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import PreTrainedModel
 
 from ..quantization.layers import QuantLayerMixin
 from ..quantization.lsq import broadcast_scale, signed_range, unsigned_range
@@ -139,6 +140,11 @@ class _QDQMixin:
         self.register_buffer("input_scale", step_size(aq.scale).reshape(()))
         self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().clone())
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dequantized weight, for model code that reads a layer's weight (ViT: its dtype)."""
+        return torch.ops.hf_lts.dequantize(self.levels, self.weight_scale, self.weight_width)
+
     def _quantized(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = torch.ops.hf_lts.quantize_dequantize(
             x.float(), self.input_scale, *self.input_range, self.input_width
@@ -188,10 +194,15 @@ def _inference_copy(model: nn.Module, layers: dict[str, QuantLayerMixin], opset:
     try:  # swap in, copy, swap back: the copy never holds the training state
         for name, qdq in replacements.items():
             _set_submodule(model, name, qdq)
-        return copy.deepcopy(model).eval()
+        inference = copy.deepcopy(model).eval()
     finally:
         for name, layer in layers.items():
             _set_submodule(model, name, layer)
+    # torch.export mis-decomposes the reshape after SDPA's transposed output (Swin): eager attention
+    # computes the same in plain matmuls and softmax.
+    if isinstance(inference, PreTrainedModel):
+        inference.set_attn_implementation("eager")
+    return inference
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
