@@ -154,6 +154,9 @@ class _QDQMixin:
 
 class _QDQConv2d(_QDQMixin, nn.Conv2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pad = self._modules.get("input_pad")  # as the QuantConv2d's (`hf_lts.quantization.padding`)
+        if pad is not None:
+            x = pad(x)
         return self._conv_forward(*self._quantized(x), self.bias)
 
 
@@ -168,6 +171,7 @@ def _qdq_layer(layer: QuantLayerMixin, opset: int) -> nn.Module:
             layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding,
             layer.dilation, layer.groups, bias=False, padding_mode=layer.padding_mode, device="meta",
         )  # fmt: skip
+        module.register_module("input_pad", layer._modules.get("input_pad"))
     else:
         module = _QDQLinear(layer.in_features, layer.out_features, bias=False, device="meta")
     module._take_over(layer, opset)
