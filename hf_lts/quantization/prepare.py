@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from fnmatch import fnmatchcase
 
+import torch
 from torch import nn
+from torch.nn import functional as F
 
 from ..config import LTSConfig
 from .layers import QuantConv2d, QuantLayerMixin, QuantLinear
@@ -40,6 +42,38 @@ def layer_bits(model: nn.Module, config: LTSConfig) -> dict[str, tuple[int, int]
         else:
             bits[name] = (config.weight_bits, config.activation_bits)
     return bits
+
+
+def _weight_standardized(module: nn.Module) -> bool:
+    """Whether ``module`` is transformers' weight-standardized convolution (BiT)."""
+    from transformers.models.bit.modeling_bit import WeightStandardizedConv2d
+
+    return isinstance(module, WeightStandardizedConv2d)
+
+
+def _check_convertible(name: str, module: nn.Module) -> None:
+    """A Conv2d/Linear subclass that computes something else in its own forward cannot be swapped for a
+    plain quantized layer without changing the model (BiT's weight standardization is handled)."""
+    base = nn.Conv2d if isinstance(module, nn.Conv2d) else nn.Linear
+    methods = ("forward", "_conv_forward") if base is nn.Conv2d else ("forward",)
+    custom = [m for m in methods if getattr(type(module), m) is not getattr(base, m)]
+    if custom and not _weight_standardized(module):
+        raise ValueError(
+            f"Layer {name!r} is a {type(module).__qualname__}, an nn.{base.__name__} with its own {custom[0]}(), "
+            f"which LTS cannot replace by a quantized nn.{base.__name__} without changing what it computes: list "
+            f"{name!r} in LTSConfig.modules_to_not_convert to keep it in fp32."
+        )
+
+
+@torch.no_grad()
+def _fold_weight_standardization(conv: nn.Conv2d) -> nn.Module | None:
+    """BiT's convolutions use their weight standardized per output channel (and pad TF-"SAME" inputs by
+    their size): fold the standardization into the weight, in place, so that the function is unchanged and
+    QAT quantizes and trains the weight the convolution uses. Returns the input pad, if any."""
+    flat = conv.weight.reshape(1, conv.out_channels, -1)
+    standardized = F.batch_norm(flat, None, None, training=True, momentum=0.0, eps=conv.eps)
+    conv.weight.copy_(standardized.reshape_as(conv.weight))
+    return conv.pad
 
 
 def quantized_layers(model: nn.Module) -> dict[str, QuantLayerMixin]:
@@ -79,15 +113,20 @@ def prepare_model(model: nn.Module, config: LTSConfig) -> nn.Module:
         )
     from ..integrations.keys import check_no_converted_tensors  # here: the integrations build on this module
 
-    check_no_converted_tensors(model, [name for name, bits in plan.items() if bits is not None])
-    for name, bits in plan.items():
-        if bits is None:
-            continue
+    converted = [name for name, bits in plan.items() if bits is not None]
+    check_no_converted_tensors(model, converted)
+    for name in converted:
+        _check_convertible(name, model.get_submodule(name))
+    for name in converted:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
         module = getattr(parent, child)
+        input_pad = _fold_weight_standardization(module) if _weight_standardized(module) else None
         layer_cls = QuantConv2d if isinstance(module, nn.Conv2d) else QuantLinear
-        setattr(parent, child, layer_cls.from_float(module, *bits, per_channel=config.per_channel))
+        layer = layer_cls.from_float(module, *plan[name], per_channel=config.per_channel)
+        if input_pad is not None:
+            layer.input_pad = input_pad
+        setattr(parent, child, layer)
     model.lts_config = config
     if getattr(model, "config", None) is not None and hasattr(model.config, "to_dict"):
         model.config.quantization_config = config
