@@ -104,6 +104,8 @@ class _QuantizedOp(torch.autograd.Function):
         else:  # what autocast would do, explicitly, so that the backward can do the same
             with torch.autocast(x.device.type, enabled=False):
                 out = layer._op(x_hat.to(dtype), w_hat.to(dtype), None if bias is None else bias.to(dtype))
+        if out._is_view():  # a linear layer's output of a >2-D input; model code may change it in place
+            out = torch.ops.aten._unsafe_view(out, out.shape)
         # Both quantized tensors are recomputed in the backward (kept, each would cost memory between the
         # passes: the input activation-sized, the weight a second copy of every layer's weight), except a fully
         # frozen layer's weight, which the layer keeps anyway.
