@@ -10,6 +10,7 @@ from torch.nn import functional as F
 
 from ..config import LTSConfig
 from .layers import QuantConv2d, QuantLayerMixin, QuantLinear
+from .steps import guard_step_sizes
 
 
 def _matches(name: str, pattern: str) -> bool:
@@ -127,6 +128,7 @@ def prepare_model(model: nn.Module, config: LTSConfig) -> nn.Module:
         if input_pad is not None:
             layer.input_pad = input_pad
         setattr(parent, child, layer)
+        guard_step_sizes([layer.weight_quantizer.scale, layer.input_quantizer.scale])
     model.lts_config = config
     if getattr(model, "config", None) is not None and hasattr(model.config, "to_dict"):
         model.config.quantization_config = config
