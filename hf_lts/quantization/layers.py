@@ -104,8 +104,6 @@ class _QuantizedOp(torch.autograd.Function):
         else:  # what autocast would do, explicitly, so that the backward can do the same
             with torch.autocast(x.device.type, enabled=False):
                 out = layer._op(x_hat.to(dtype), w_hat.to(dtype), None if bias is None else bias.to(dtype))
-        if out._is_view():  # a linear layer's output of a >2-D input; model code may change it in place
-            out = torch.ops.aten._unsafe_view(out, out.shape)
         # Both quantized tensors are recomputed in the backward (kept, each would cost memory between the
         # passes: the input activation-sized, the weight a second copy of every layer's weight), except a fully
         # frozen layer's weight, which the layer keeps anyway.
@@ -380,6 +378,8 @@ class QuantLayerMixin:
             if self._stragglers:
                 self._stragglers = False
             out = _QuantizedOp.apply(x, self.weight, self.bias, aq.scale, wq.scale, self)
+        if out._is_view():  # a linear layer's output of a >2-D input: model code may change it in place
+            out = torch.ops.aten._unsafe_view(out, out.shape)
         if self.training and not self._macs_known:
             self.lts_macs.fill_(out[0].numel() * self.weight[0].numel())
             self._macs_known = True

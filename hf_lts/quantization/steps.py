@@ -16,6 +16,7 @@ it keeps nothing between steps and a resumed run projects exactly as an uninterr
 
 from __future__ import annotations
 
+import functools
 import weakref
 from typing import Any
 
@@ -28,7 +29,8 @@ from .lsq import SCALE_EPS
 #: One optimizer step can at most halve an LSQ step size.
 MIN_STEP_RATIO = 0.5
 
-_steps: weakref.WeakSet[nn.Parameter] = weakref.WeakSet()
+#: id → weak reference of every guarded step (a WeakSet would compare tensors with ``==``).
+_steps: dict[int, weakref.ref] = {}
 _before: weakref.WeakKeyDictionary[torch.optim.Optimizer, tuple[list, list]] = weakref.WeakKeyDictionary()
 _hooks_registered = False
 
@@ -36,16 +38,27 @@ _hooks_registered = False
 def guard_step_sizes(params: list[nn.Parameter]) -> None:
     """Keep ``params`` (LSQ step sizes) positive through every optimizer step from now on."""
     global _hooks_registered
-    _steps.update(params)
+    for p in params:
+        key = id(p)
+        _steps[key] = weakref.ref(p, functools.partial(_forget, key))
     if not _hooks_registered:
         register_optimizer_step_pre_hook(_remember)
         register_optimizer_step_post_hook(_project)
         _hooks_registered = True
 
 
+def _forget(key: int, _: weakref.ref) -> None:
+    _steps.pop(key, None)
+
+
+def _guarded(param: torch.Tensor) -> bool:
+    ref = _steps.get(id(param))
+    return ref is not None and ref() is param
+
+
 @torch.no_grad()
 def _remember(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-    steps = [p for group in optimizer.param_groups for p in group["params"] if p in _steps]
+    steps = [p for group in optimizer.param_groups for p in group["params"] if _guarded(p)]
     if steps:
         _before[optimizer] = (steps, torch._foreach_mul(steps, MIN_STEP_RATIO))
     else:

@@ -638,9 +638,6 @@ struct QuantLayer : public torch::autograd::Function<QuantLayer> {
                                              weight_scale, bounds[2], bounds[3], packed);
     }
     at::Tensor out = op(x_hat, w_hat, bias);
-    // A linear layer of a 3-D or 4-D input returns a view of its 2-D product, and the output of an autograd
-    // function must not be a view where model code changes it in place (Swin V2's ReLU(inplace=True)).
-    if (out.is_view()) out = at::_unsafe_view(out, out.sizes());
     // ``q·s`` of the weight is recomputed in the backward (one weight-sized pass) rather than kept between the
     // passes: kept, it costs every layer's weight once more in memory. A fully frozen layer's is kept anyway.
     ctx->save_for_backward({x, weight, input_scale, weight_scale, packed.value_or(at::Tensor()),
