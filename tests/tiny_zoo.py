@@ -179,6 +179,18 @@ ZOO: dict[str, tuple[str, str, dict]] = {
             patch_size=16,
         ),
     ),
+    "levit_distilled": (
+        "LevitForImageClassificationWithTeacher",
+        "LevitConfig",
+        dict(
+            image_size=IMAGE_SIZE,
+            hidden_sizes=[16, 24, 32],
+            num_attention_heads=[1, 2, 2],
+            depths=[1, 1, 1],
+            key_dim=[8, 8, 8],
+            patch_size=16,
+        ),
+    ),
     "pvt_v2": (
         "PvtV2ForImageClassification",
         "PvtV2Config",
