@@ -20,7 +20,14 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 from torch.nn import functional as F
-from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers import (
+    PreTrainedModel,
+    Trainer,
+    TrainerCallback,
+    TrainerControl,
+    TrainerState,
+    TrainingArguments,
+)
 from transformers.modeling_outputs import ImageClassifierOutput
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import HubStrategy, TrainOutput, load_sharded_checkpoint
@@ -240,9 +247,11 @@ class LTSTrainer(Trainer):
         # divided by the accumulation steps and DDP averages over ranks: the gradient of a global batch is
         # the same for any number of processes.
         self.model_accepts_loss_kwargs = False
-        # Classifiers whose forward takes no labels (DeiT's and LeViT's distilled *WithTeacher models):
-        # the Trainer keeps the labels column and computes their loss itself (`compute_loss`).
-        self._loss_from_logits = "labels" not in inspect.signature(model.forward).parameters
+        # transformers classifiers whose forward takes no labels (DeiT's and LeViT's distilled *WithTeacher
+        # models): the Trainer keeps the labels column and computes their loss itself (`compute_loss`).
+        self._loss_from_logits = isinstance(model, PreTrainedModel) and (
+            "labels" not in inspect.signature(model.forward).parameters
+        )
         if self._loss_from_logits and self.args.label_names is None:
             self.label_names = ["labels"]
         self.scratcher = LotteryTicketScratcher(self.model, total_steps=max(1, self.args.max_steps))
