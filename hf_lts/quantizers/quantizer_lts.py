@@ -8,6 +8,7 @@ layers.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from collections.abc import Iterator
@@ -31,17 +32,26 @@ logger = logging.getLogger(__name__)
 @contextmanager
 def training_state(model: nn.Module) -> Iterator[None]:
     """Within this block ``model.save_pretrained`` writes the full training state — latent fp32 weights and
-    every LTS buffer, i.e. ``model.state_dict()`` — instead of the packed export: for training checkpoints,
-    which must resume exactly. (``from_pretrained`` loads those too, state included.)"""
+    every LTS buffer, i.e. ``model.state_dict()`` under its own keys — instead of the packed export: for
+    training checkpoints, which must resume exactly. (``from_pretrained`` loads those too, state included.)"""
     quantizer = getattr(model, "hf_quantizer", None)
     if not isinstance(quantizer, LTSHfQuantizer):
         yield
         return
     previous, quantizer.full_state = quantizer.full_state, True
+    # Under the model's own names: the Trainer resumes a checkpoint with ``load_state_dict``, whereas
+    # transformers would write some models' tensors under their original names (ViT's attention.q_proj as
+    # attention.attention.query), which that load silently skips.
+    own = model.__dict__.get("save_pretrained")
+    model.save_pretrained = functools.partial(type(model).save_pretrained, model, save_original_format=False)
     try:
         yield
     finally:
         quantizer.full_state = previous
+        if own is None:
+            del model.save_pretrained
+        else:
+            model.save_pretrained = own
 
 
 def attach_quantizer(model: nn.Module) -> None:
