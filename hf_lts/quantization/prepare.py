@@ -87,7 +87,9 @@ def prepare_model(model: nn.Module, config: LTSConfig) -> nn.Module:
 
     The layers take over the original parameters (an optimizer built afterwards sees the same tensors),
     get LSQ step sizes initialised from the weights, and start their LTS state at the current levels.
-    Preparing an already prepared model with the same config returns it unchanged. The config is kept
+    Any padding a Conv2d takes is kept (`hf_lts.quantization.padding`), BiT's weight standardization is
+    folded into the weights, and a Conv2d/Linear subclass with its own forward is refused, naming the layer,
+    before anything is changed. Preparing an already prepared model with the same config returns it unchanged. The config is kept
     as ``model.lts_config`` and, for transformers models, as ``model.config.quantization_config``, with the
     LTS quantizer as ``model.hf_quantizer`` so that ``save_pretrained`` writes the packed export.
     """

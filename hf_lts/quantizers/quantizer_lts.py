@@ -126,7 +126,7 @@ class LTSHfQuantizer(HfQuantizer):
             self._check_recorded_bits(header, plan)
         self._placeholders = replace_with_placeholders(model, config, header, bool(packed))
         # The other tensors: transformers would only warn about a missing one, and initialise it at random.
-        # (Those it saves fused with others it checks itself, when it splits them.)
+        # (Not those transformers saves fused with others: the file holds them under the fused key.)
         converted = converted_key_test(model)
         for key, tensor in model.state_dict().items():
             if key not in getattr(model, "all_tied_weights_keys", {}) and not converted(key):
