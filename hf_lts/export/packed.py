@@ -31,6 +31,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -218,6 +219,11 @@ class Header:
                 raise LTSCheckpointError(
                     f"{os.path.basename(file)} is not a readable safetensors file (truncated or corrupt?): {e}"
                 ) from e
+
+    def rename(self, loaded_key: Callable[[str], str]) -> None:
+        """Name every tensor as loading will (``loaded_key`` of its key in the file), so that the checks below
+        compare what ``from_pretrained`` hands the model."""
+        self.tensors = {loaded_key(k): v for k, v in self.tensors.items()}
 
     def check(self, key: str, shape: tuple[int, ...], dtype: torch.dtype | None, why: str) -> None:
         if key not in self.tensors:

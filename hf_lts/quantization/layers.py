@@ -55,6 +55,7 @@ from .lsq import (
     quantize_levels,
     rescale,
 )
+from .padding import conv_padding
 
 
 def _distributed() -> bool:
@@ -457,6 +458,8 @@ class QuantLayerMixin:
             if self._stragglers:
                 self._stragglers = False
             out = _QuantizedOp.apply(x, self.weight, self.bias, aq.scale, wq.scale, self, backend)
+        if out._is_view():  # a linear layer's output of a >2-D input: model code may change it in place
+            out = torch.ops.aten._unsafe_view(out, out.shape)
         if self.training and not self._macs_known:
             self.lts_macs.fill_(out[0].numel() * self.weight[0].numel())
             self._macs_known = True
@@ -472,15 +475,18 @@ class QuantConv2d(QuantLayerMixin, nn.Conv2d):
 
     @classmethod
     def _empty_like(cls, m: nn.Conv2d) -> QuantConv2d:
-        if m.padding_mode != "zeros" or isinstance(m.padding, str):
-            raise ValueError(
-                f"QuantConv2d supports zero padding given as integers; this Conv2d has padding={m.padding!r}, "
-                f"padding_mode={m.padding_mode!r}: list it in LTSConfig.modules_to_not_convert to keep it fp32."
-            )
-        return cls(
-            m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding, m.dilation, m.groups,
-            m.bias is not None, m.padding_mode, device="meta", dtype=m.weight.dtype,
+        padding, input_pad = conv_padding(m)
+        new = cls(
+            m.in_channels, m.out_channels, m.kernel_size, m.stride, padding, m.dilation, m.groups,
+            m.bias is not None, device="meta", dtype=m.weight.dtype,
         )  # fmt: skip
+        # pads the input where integer zero padding cannot express the original padding (`conv_padding`)
+        new.register_module("input_pad", input_pad)
+        return new
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pad = self._modules.get("input_pad")
+        return super().forward(x if pad is None else pad(x))
 
     @property
     def _skips_channels(self) -> bool:
