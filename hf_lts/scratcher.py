@@ -185,6 +185,7 @@ class LotteryTicketScratcher:
         self._thresholds: tuple[tuple[int, str], torch.Tensor] | None = None
         self._pending: tuple[torch.Tensor, torch.cuda.Event | None] | None = None
         self._counts: list[np.ndarray | None] = [None] * len(self.layers)
+        self._full_counts: dict[int, torch.Tensor] = {}  # frozen counts of fully frozen layers (constant)
         # A checkpoint is taken with the counts applied (and a loaded one applies them exactly), so a run
         # resumed from it skips the channels the uninterrupted run skips, step for step.
         model.register_state_dict_pre_hook(lambda *args, **kwargs: self._collect())
@@ -336,8 +337,13 @@ class LotteryTicketScratcher:
         thresholds = self._threshold_table(layers[0].lts_state.device)
         keep, observed = 1.0 - config.distance_momentum, config.distance_init == "observed"
         counts, totals = [], []
-        for index, layer in enumerate(layers):
+        for index, (name, layer) in enumerate(self.layers.items()):
             wq, channels = layer.weight_quantizer, layer.weight.shape[0]
+            full = layer.num_frozen == layer.weight.numel()  # (as the host knows it: late, but monotone)
+            if full and self._restored_version.get(name) == layer.weight._version:
+                counts.append(self._full_counts[index])  # nothing touched it since: nothing to hold
+                totals.append(self._full_counts[index].sum())
+                continue
             complete_at = None
             if config.channel_completion is not None:
                 complete_at = completion_count(config.channel_completion, layer.weight[0].numel())
@@ -348,6 +354,9 @@ class LotteryTicketScratcher:
             )  # fmt: skip
             counts.append(per_channel)
             totals.append(total)
+            if full:
+                self._restored_version[name] = layer.weight._version
+                self._full_counts[index] = per_channel
         self._add_counters(totals)
         self._send(torch.cat(counts))
 
