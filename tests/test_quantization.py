@@ -463,11 +463,13 @@ def test_a_failed_native_build_warns_and_runs_eagerly(monkeypatch):
         raise RuntimeError("no C++ compiler found")
 
     monkeypatch.setattr(torch.utils.cpp_extension, "load", no_compiler)
-    with pytest.warns(UserWarning, match="could not build its CPU kernels.*no C\\+\\+ compiler found"):
-        assert native.ops() is None
-    assert native.ops() is None  # decided once
-    layer, x = _layer("conv", 4, True, "channels")
-    fused = _grads(layer, x.relu().requires_grad_())
+    with backends.forced(None):  # the decisions made here are this process's: drop them afterwards
+        with pytest.warns(UserWarning, match="could not build its CPU kernels.*no C\\+\\+ compiler found"):
+            assert native.ops() is None
+        assert native.ops() is None  # decided once
+        assert backends.select(torch.device("cpu")) == "eager"
+        layer, x = _layer("conv", 4, True, "channels")
+        fused = _grads(layer, x.relu().requires_grad_())
     with backends.forced("eager"):
         eager = _grads(layer, x.relu().requires_grad_())
     for name, value in fused.items():

@@ -31,7 +31,6 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch._dynamo.decorators import mark_unbacked
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from . import backend as backends
@@ -282,13 +281,19 @@ def channels_last(t: torch.Tensor) -> bool:
 
 def _rows(t: torch.Tensor, weight: bool) -> torch.Tensor:
     """``t`` without autograd history as ``[R, K]`` in its memory order (a view for the usual layouts): one
-    row per output channel of a weight; rows of the innermost dimension of an activation."""
+    row per output channel of a weight; for an activation, rows of its innermost dimensions, as many as make
+    a row longer than 1 (a 1×1 feature map's rows are its channels: a size of 1 would make the compiled
+    kernels specialise, and compile again for the same layer shape)."""
     if weight:
-        rows = t.reshape(t.shape[0], -1)
-    elif channels_last(t):
-        rows = t.permute(0, 2, 3, 1).reshape(-1, t.shape[1])
-    else:
-        rows = t.reshape(-1, t.shape[-1]) if t.dim() > 1 else t.reshape(1, -1)
+        return t.reshape(t.shape[0], -1).detach()
+    if channels_last(t):
+        t = t.permute(0, 2, 3, 1)
+    k = 1
+    for size in reversed(t.shape[1:]):
+        k *= size
+        if k > 1:
+            break
+    rows = t.reshape(-1, k)
     # detached last: a detached view has no ``_base``, whose sizes Dynamo would guard (and recompile for)
     return rows.detach()
 
@@ -317,18 +322,8 @@ def _quantized(
     x: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int, backend: str, weight: bool
 ) -> list[torch.Tensor | int]:
     """A kernel's arguments for one quantized tensor: flat float32 for the native kernels, `_rows` else."""
-    x = _flat(x).float() if backend == "native" else _unspecialized(_rows(x, weight), weight)
+    x = _flat(x).float() if backend == "native" else _rows(x, weight)
     return [x, _flat(scale).float(), qmin, qmax]
-
-
-def _unspecialized(rows: torch.Tensor, weight: bool) -> torch.Tensor:
-    """``rows`` with its sizes unbacked for `torch.compile` where they are an activation's: a size of 1 (a
-    1×1 feature map, a batch of one) would otherwise make a graph of its own, compiled whenever a layer of
-    that shape first takes a path, however late in a run."""
-    if not weight:
-        mark_unbacked(rows, 0)
-        mark_unbacked(rows, 1)
-    return rows
 
 
 def _run(name: str, args: list[torch.Tensor], packed: torch.Tensor | None, backend: str):
@@ -373,7 +368,7 @@ def lsq_backward(
     backend = backend or backends.select(x.device)
     weight = weight or scale.numel() > 1
     args = _quantized(x, scale, qmin, qmax, backend, weight)
-    g = _flat(grad) if backend == "native" else _unspecialized(_rows(same_layout(grad, x), weight), weight)
+    g = _flat(grad) if backend == "native" else _rows(same_layout(grad, x), weight)
     grad_x, partial = _run("grad", [*args, g], packed, backend)
     return _shaped(grad_x, x), _per_step(partial, scale) * grad_factor
 
@@ -442,7 +437,7 @@ def input_backward(
     """``(grad_x, Σ grad ⊙ ∂(q·s)/∂s, q·s)`` of a layer's input in one pass (the step's sum without
     ``grad_factor``). ``grad_x`` takes the place of ``grad``, which must not be used afterwards."""
     # ``grad`` itself where its layout allows, else a copy: the kernel writes into it
-    grad_x = _flat(grad) if backend == "native" else _unspecialized(_rows(same_layout(grad, x), False), False)
+    grad_x = _flat(grad) if backend == "native" else _rows(same_layout(grad, x), False)
     partial, x_hat = _KERNELS["input_grad"](
         *_quantized(x, scale, qmin, qmax, backend, False), grad_x, backend=backend
     )
