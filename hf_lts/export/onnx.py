@@ -38,6 +38,7 @@ from torch import nn
 from ..quantization.layers import QuantLayerMixin
 from ..quantization.lsq import broadcast_scale, signed_range, unsigned_range
 from . import ONNX_FILE
+from .onnx_int8 import SIGNED_ZERO_POINT, to_integer_kernels
 from .packed import checked_layers, export_levels, step_size
 
 #: Q/DQ of int4/uint4 came with opset 21, of int2/uint2 with opset 25 (ONNX Runtime runs both).
@@ -61,8 +62,10 @@ def integer_type(bits: int, signed: bool, opset: int) -> tuple[str, int]:
     return f"{'' if signed else 'u'}int{width}", width
 
 
-def default_opset(layers: dict[str, QuantLayerMixin]) -> int:
-    """Opset 25 when a layer has 2-bit weights or inputs (int2 types), else 21 (int4, int8)."""
+def default_opset(layers: dict[str, QuantLayerMixin], weight_type: str = "int8") -> int:
+    """21; with native types, 25 when a layer has 2-bit weights or inputs (int2 types)."""
+    if weight_type == "int8":
+        return INT4_OPSET
     bits = {b for layer in layers.values() for b in (layer.weight_quantizer.bits, layer.input_quantizer.bits)}
     return INT2_OPSET if min(bits) <= 2 else INT4_OPSET
 
@@ -94,13 +97,25 @@ def _(levels: torch.Tensor, scale: torch.Tensor, width: int) -> torch.Tensor:
     return torch.empty(levels.shape, dtype=torch.float32, device=levels.device)
 
 
-def _translations() -> dict:
+def _translations(weight_type: str) -> dict:
     """ONNX translations of the two custom ops (onnxscript, traced by the exporter)."""
     import numpy as np
     from onnxscript import ir
     from onnxscript import opset21 as op
 
-    def quantize_dequantize_onnx(x, scale, qmin: int, qmax: int, width: int):
+    def uint8(value: int) -> Any:
+        return op.Constant(value=ir.tensor(np.array(value, dtype=np.uint8)))
+
+    def quantize_dequantize_int8(x, scale, qmin: int, qmax: int, width: int):
+        # uint8 for every bit width (zero point 128 for signed levels), the trained range by an integer clamp
+        # after the quantizer: the form ONNX Runtime fuses with the layers around it.
+        zero = 0 if qmin >= 0 else SIGNED_ZERO_POINT
+        q = op.QuantizeLinear(x, scale, uint8(zero))
+        if (qmin + zero, qmax + zero) != (0, 255):
+            q = op.Clip(q, uint8(qmin + zero), uint8(qmax + zero))
+        return op.DequantizeLinear(q, scale, uint8(zero))
+
+    def quantize_dequantize_native(x, scale, qmin: int, qmax: int, width: int):
         lo, hi = signed_range(width) if qmin < 0 else unsigned_range(width)
         if (lo, hi) != (qmin, qmax):  # a type wider than the bit width: clip to the trained range first
             x = op.Clip(
@@ -118,7 +133,9 @@ def _translations() -> dict:
         return op.DequantizeLinear(op.Cast(levels, to=_TYPES[("int", width)]), scale, axis=0)
 
     return {
-        torch.ops.hf_lts.quantize_dequantize.default: quantize_dequantize_onnx,
+        torch.ops.hf_lts.quantize_dequantize.default: (
+            quantize_dequantize_int8 if weight_type == "int8" else quantize_dequantize_native
+        ),
         torch.ops.hf_lts.dequantize.default: dequantize_onnx,
     }
 
@@ -127,10 +144,10 @@ class _QDQMixin:
     """The inference form of a `QuantConv2d` / `QuantLinear`: integer levels and steps instead of latent
     weights and LTS state. A real conv/linear module otherwise (model code may read its stride, say)."""
 
-    def _take_over(self, layer: QuantLayerMixin, opset: int) -> None:
+    def _take_over(self, layer: QuantLayerMixin, opset: int, weight_type: str) -> None:
         wq, aq = layer.weight_quantizer, layer.input_quantizer
-        _, self.weight_width = integer_type(wq.bits, True, opset)
-        _, self.input_width = integer_type(aq.bits, bool(aq.signed), opset)
+        self.weight_width = 8 if weight_type == "int8" else integer_type(wq.bits, True, opset)[1]
+        self.input_width = 8 if weight_type == "int8" else integer_type(aq.bits, bool(aq.signed), opset)[1]
         self.input_range = (aq.qmin, aq.qmax)
         del self.weight
         scale = step_size(wq.scale)
@@ -156,7 +173,12 @@ class _QDQLinear(_QDQMixin, nn.Linear):
         return F.linear(*self._quantized(x), self.bias)
 
 
-def _qdq_layer(layer: QuantLayerMixin, opset: int) -> nn.Module:
+def _qdq_layer(name: str, layer: QuantLayerMixin, opset: int, weight_type: str) -> nn.Module:
+    if not isinstance(layer, (nn.Conv2d, nn.Linear)):
+        raise ValueError(
+            f"Layer {name!r} ({type(layer).__name__}) has no ONNX export: only quantized Conv2d and Linear "
+            "layers have one."
+        )
     if isinstance(layer, nn.Conv2d):
         module = _QDQConv2d(
             layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding,
@@ -164,7 +186,7 @@ def _qdq_layer(layer: QuantLayerMixin, opset: int) -> nn.Module:
         )  # fmt: skip
     else:
         module = _QDQLinear(layer.in_features, layer.out_features, bias=False, device="meta")
-    module._take_over(layer, opset)
+    module._take_over(layer, opset, weight_type)
     return module
 
 
@@ -182,9 +204,11 @@ class _Logits(nn.Module):
         return out[0] if isinstance(out, (tuple, list)) else out
 
 
-def _inference_copy(model: nn.Module, layers: dict[str, QuantLayerMixin], opset: int) -> nn.Module:
+def _inference_copy(
+    model: nn.Module, layers: dict[str, QuantLayerMixin], opset: int, weight_type: str
+) -> nn.Module:
     """A deep copy of ``model`` with every quantized layer replaced by its `_QDQConv2d`/`_QDQLinear` (eval mode)."""
-    replacements = {name: _qdq_layer(layer, opset) for name, layer in layers.items()}
+    replacements = {name: _qdq_layer(name, layer, opset, weight_type) for name, layer in layers.items()}
     try:  # swap in, copy, swap back: the copy never holds the training state
         for name, qdq in replacements.items():
             _set_submodule(model, name, qdq)
@@ -268,19 +292,72 @@ def _finalize(proto: Any) -> None:
             graph.initializer.remove(init)
 
 
+WEIGHT_TYPES = ("int8", "native")
+#: Where `export_onnx` records its options in the file (``metadata_props``), for `refresh_onnx`.
+_META_WEIGHT_TYPE, _META_DYNAMIC_SIZE = "hf_lts.weight_type", "hf_lts.dynamic_size"
+
+
+def _trace(
+    inference: nn.Module,
+    example_inputs: tuple[torch.Tensor, ...],
+    opset: int,
+    weight_type: str,
+    dynamic_size: bool,
+) -> Any:
+    """``torch.onnx.export`` of the inference copy: the batch dimension free, height and width too where
+    ``dynamic_size`` (an image input, 4-D), everything else as in the example."""
+    names = (
+        ["pixel_values"] if len(example_inputs) == 1 else [f"input_{i}" for i in range(len(example_inputs))]
+    )
+    free = torch.export.Dim.DYNAMIC
+    dims = tuple(
+        {0: free, 2: free, 3: free} if dynamic_size and x.ndim == 4 else {0: free} for x in example_inputs
+    )
+    with _quiet_exporter():
+        return torch.onnx.export(
+            _Logits(inference).eval(),
+            example_inputs,
+            dynamo=True,
+            opset_version=min(opset, EXPORTER_MAX_OPSET),
+            input_names=names,
+            output_names=["logits"],
+            dynamic_shapes=(dims,),
+            custom_translation_table=_translations(weight_type),
+            verbose=False,
+        ).model_proto
+
+
+def _fixed_size_error(example_inputs: tuple[torch.Tensor, ...]) -> ValueError:
+    size = "×".join(str(d) for d in example_inputs[0].shape[2:])
+    return ValueError(
+        "This model's architecture fixes its input's height and width (its forward computes with them as "
+        "Python numbers: transformers' MobileNetV2 with tf_padding=True, say), so the ONNX graph cannot take "
+        f"any size: pass dynamic_size=False to export it for the example's size ({size})."
+    )
+
+
 def export_onnx(
     model: nn.Module,
     path: str | os.PathLike,
     example_inputs: torch.Tensor | tuple[torch.Tensor, ...] | None = None,
     opset: int | None = None,
+    *,
+    weight_type: str = "int8",
+    dynamic_size: bool = True,
 ) -> Path:
     """Write a prepared LTS model as an ONNX QDQ model (see the module docstring) and return its path.
 
     ``path`` ending in ``.onnx`` is the file; anything else is a folder (an export folder, typically) that
-    receives ``model.onnx``. ``example_inputs`` (default: two zero images of the config's size) only fix
-    the traced shapes; the batch dimension stays dynamic. ``opset`` defaults to 25 when a layer has 2 bits
-    (int2), else 21. The file is checked with ``onnx.checker`` and written atomically.
+    receives ``model.onnx``. The batch dimension is free, and so are height and width (``dynamic_size``);
+    ``example_inputs`` (default: two zero images of the config's size) only sets what the graph fixes:
+    channels, and the size where ``dynamic_size=False``. ``weight_type="int8"`` (default) stores every bit
+    width's levels in ``int8`` and activations in ``uint8``, with batch norms folded, the form that ONNX
+    Runtime runs on its integer kernels; ``"native"`` keeps the smallest ONNX type per bit width (int2/int4)
+    and unfolded batch norms: a smaller file that runs on float kernels. ``opset`` defaults to 21 (25 for
+    native 2-bit types). The file is checked with ``onnx.checker`` and written atomically.
     """
+    if weight_type not in WEIGHT_TYPES:
+        raise ValueError(f"weight_type must be one of {WEIGHT_TYPES}, not {weight_type!r}.")
     layers = checked_layers(model)
     onnx = require_onnx()
     for name, layer in layers.items():
@@ -289,35 +366,35 @@ def export_onnx(
                 f"Layer {name!r} has not seen data yet (its activation step is not initialised): train the "
                 "model, or run one batch through it in train mode, before exporting."
             )
-    opset = default_opset(layers) if opset is None else opset
+    opset = default_opset(layers, weight_type) if opset is None else opset
     if opset < MIN_OPSET:
         raise ValueError(f"opset {opset} is too old: torch.onnx.export writes opset {MIN_OPSET} or newer.")
-    inference = _inference_copy(model, layers, opset)
+    inference = _inference_copy(model, layers, opset, weight_type)
     if example_inputs is None:
         example_inputs = _default_inputs(model)
     elif isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
     example_inputs = tuple(x.to(next(inference.buffers()).device) for x in example_inputs)
-    names = (
-        ["pixel_values"] if len(example_inputs) == 1 else [f"input_{i}" for i in range(len(example_inputs))]
-    )
-    with _quiet_exporter():
-        program = torch.onnx.export(
-            _Logits(inference).eval(),
-            example_inputs,
-            dynamo=True,
-            opset_version=min(opset, EXPORTER_MAX_OPSET),
-            input_names=names,
-            output_names=["logits"],
-            dynamic_shapes=(tuple({0: torch.export.Dim.DYNAMIC} for _ in example_inputs),),
-            custom_translation_table=_translations(),
-            verbose=False,
-        )
-    proto = program.model_proto
+    try:
+        proto = _trace(inference, example_inputs, opset, weight_type, dynamic_size)
+    except Exception:
+        if not dynamic_size:
+            raise
+        _trace(inference, example_inputs, opset, weight_type, False)  # fails alike: not a matter of size
+        raise _fixed_size_error(example_inputs) from None
+    if dynamic_size and any(
+        d.HasField("dim_value") for i in proto.graph.input for d in i.type.tensor_type.shape.dim[2:]
+    ):
+        raise _fixed_size_error(example_inputs)
     _finalize(proto)
+    if weight_type == "int8":
+        to_integer_kernels(proto)
     if opset > EXPORTER_MAX_OPSET:
         proto = onnx.version_converter.convert_version(proto, opset)
     proto.producer_name = "hf-lts"
+    onnx.helper.set_model_props(
+        proto, {_META_WEIGHT_TYPE: weight_type, _META_DYNAMIC_SIZE: str(dynamic_size).lower()}
+    )
     onnx.checker.check_model(proto, full_check=True)
     target = Path(path)
     if target.suffix != ".onnx":
@@ -335,13 +412,22 @@ def export_onnx(
 
 
 def refresh_onnx(model: nn.Module, path: str | os.PathLike) -> Path:
-    """Export ``model`` again over the ONNX file at ``path``, with that file's input shapes and opset: so
-    that a ``model.onnx`` never lags behind the packed weights saved beside it."""
+    """Export ``model`` again over the ONNX file at ``path``, with that file's input shapes, opset and
+    options: so that a ``model.onnx`` never lags behind the packed weights saved beside it."""
     onnx = require_onnx()
     previous = onnx.load(path, load_external_data=False)
+    meta = {p.key: p.value for p in previous.metadata_props}
+    size = getattr(getattr(model, "config", None), "image_size", None) or 224  # for free dimensions
     example = tuple(
-        torch.zeros([2, *(d.dim_value or 1 for d in i.type.tensor_type.shape.dim[1:])])
+        torch.zeros([2, *(d.dim_value or size for d in i.type.tensor_type.shape.dim[1:])])
         for i in previous.graph.input
     )
     opset = next(o.version for o in previous.opset_import if o.domain in ("", "ai.onnx"))
-    return export_onnx(model, path, example_inputs=example, opset=opset)
+    return export_onnx(
+        model,
+        path,
+        example_inputs=example,
+        opset=opset,
+        weight_type=meta.get(_META_WEIGHT_TYPE, "native"),  # files without it predate the int8 form
+        dynamic_size=meta.get(_META_DYNAMIC_SIZE) == "true",
+    )
