@@ -35,6 +35,10 @@ import numpy as np
 
 #: Zero point of the ``uint8`` activations: 0 for unsigned levels, 128 for signed ones.
 SIGNED_ZERO_POINT = 128
+#: The most that the int32 bias's rounding may move a fused layer's pre-activation, in output steps: a
+#: value then takes the neighbouring level only within this distance of a rounding boundary (≤ 0.2 % of
+#: values), the order of float accumulation-order differences' effect.
+BIAS_TOLERANCE = 1e-3
 
 
 class _Graph:
@@ -126,6 +130,37 @@ def _fold_batch_norm(g: _Graph, layer: _Layer) -> None:
     g.graph.node.remove(bn)
 
 
+def _pad_after_quantizer(g: _Graph) -> None:
+    """``Pad(x, 0) → QuantizeLinear`` → ``QuantizeLinear → Pad(q, zero point)`` (the same integers, as 0
+    quantizes to the zero point): transformers' MobileNetV2 with ``tf_padding`` pads before each
+    convolution, which would otherwise sit between the previous layer and its quantizer."""
+    for pad in [n for n in g.graph.node if n.op_type == "Pad"]:
+        quantize = g.only_consumer(pad.output[0])
+        value = g.const(pad.input[2]) if len(pad.input) > 2 and pad.input[2] else np.zeros(())
+        if (
+            quantize is None
+            or quantize.op_type != "QuantizeLinear"
+            or _attr(pad, "mode", b"constant") != b"constant"
+            or value is None
+            or float(value.item()) != 0.0
+            or _zero_point(g, quantize) is None
+        ):
+            continue
+        zero = g.add_init(np.array(_zero_point(g, quantize), np.uint8), "pad_value")
+        padded, quantized = pad.output[0], quantize.output[0]
+        quantize.input[0] = pad.input[0]
+        pad.input[0] = quantized
+        while len(pad.input) < 3:
+            pad.input.append("")
+        pad.input[2] = zero
+        for user in g.consumers.get(quantized, []):
+            user.input[:] = [padded if name == quantized else name for name in user.input]
+        nodes = list(g.graph.node)  # the Pad after its quantizer, in topological order
+        g.graph.node.remove(pad)
+        g.graph.node.insert(nodes.index(quantize), pad)
+        g.refresh()
+
+
 def _relu6_into_integer_clamp(g: _Graph) -> None:
     """``Clip(0, hi)`` read only by zero-point-0 uint8 quantizers → ``Relu``, ``hi`` into their clamps."""
     from onnx import helper
@@ -186,12 +221,12 @@ def _clamp_after(g: _Graph, quantize: Any, top: int) -> None:
     g.refresh()
 
 
-def _feeds_quantizer(g: _Graph, output: str) -> bool:
-    """Whether ``output`` goes to one QuantizeLinear, directly or through one Relu (what ORT fuses)."""
+def _next_quantizer(g: _Graph, output: str) -> Any | None:
+    """The one QuantizeLinear that ``output`` goes to, directly or through one Relu (what ORT fuses)."""
     user = g.only_consumer(output)
     if user is not None and user.op_type == "Relu":
         user = g.only_consumer(user.output[0])
-    return user is not None and user.op_type == "QuantizeLinear"
+    return user if user is not None and user.op_type == "QuantizeLinear" else None
 
 
 def _input_quantizer(g: _Graph, node: Any) -> tuple[float, Any] | None:
@@ -202,14 +237,20 @@ def _input_quantizer(g: _Graph, node: Any) -> tuple[float, Any] | None:
     return float(g.const(dq.input[1]).item()), dq
 
 
-def _spread(layer: _Layer, input_top: int) -> tuple[np.ndarray, np.ndarray]:
-    """``(k · q, s / k)`` per output channel, ``k`` the largest integer with ``k · |q| ≤ 127`` and ``2 ·
-    input_top · k · |q| ≤ 32767``: the same weights, but an accumulator unit ``s_x · s / k`` that makes the
-    int32 bias's rounding ``k`` times smaller (at low bits ``s_x · s`` is not small beside the output
-    step). The second bound keeps AVX2's u8·s8 pair sums (VPMADDUBSW, no VNNI) from saturating."""
+def _spread(layer: _Layer, input_scale: float, input_top: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """``(k · q, s / k)`` per output channel, ``k`` the largest integer (1 at least) with ``k · |q| ≤ 127``, ``2 ·
+    input_top · k · |q| ≤ 32767`` and an int32 bias at ``s_x · s / k``: the same weights, but an accumulator
+    unit that makes the bias's rounding ``k`` times smaller (at low bits ``s_x · s`` is not small beside the
+    output step). The second bound keeps AVX2's u8·s8 pair sums (VPMADDUBSW, no VNNI) from saturating.
+    None where even ``k = 1`` overflows the bias (a step near zero: a dead channel, say)."""
     flat = layer.levels.reshape(len(layer.scale), -1)
     top = np.maximum(np.abs(flat).max(axis=1), 1)
-    k = np.maximum(np.minimum(127, 32767 // (2 * input_top)) // top, 1)
+    units = np.abs(layer.bias) / (input_scale * layer.scale)
+    room = np.floor((2**31 - 2**8) / np.maximum(units, 1e-30))
+    k = np.minimum(np.maximum(min(127, 32767 // (2 * input_top)) // top, 1), room)  # 1: -128 at 8 bits
+    if not (k >= 1).all():
+        return None
+    k = k.astype(np.int64)
     levels = (flat * k[:, None]).reshape(layer.levels.shape)
     return levels, (layer.scale / k).astype(np.float32)
 
@@ -220,22 +261,26 @@ def _input_top(g: _Graph, dq: Any) -> int:
     return int(g.const(clip.input[2]).item()) if clip is not None and clip.op_type == "Clip" else 255
 
 
-def _write_fused(g: _Graph, layer: _Layer, input_scale: float, input_top: int) -> None:
-    """Levels, step and an int32 bias at ``s_x · s_w``, as the QDQ fusion wants them."""
+def _write_fused(g: _Graph, layer: _Layer, input_scale: float, input_top: int, output_scale: float) -> bool:
+    """Levels, step and an int32 bias at ``s_x · s_w``, as the QDQ fusion wants them; False (and nothing
+    written) where the bias does not fit int32 (a step near zero: a dead channel, say) or where its rounding
+    would move a pre-activation by more than `BIAS_TOLERANCE` of the output step ``output_scale`` (the
+    ConvInteger form is exact there)."""
     node, dq = layer.node, layer.dq
-    levels, scale = _spread(layer, input_top)
+    spread = _spread(layer, input_scale, input_top)
+    if spread is None:
+        return False
+    levels, scale = spread
+    bias_scale = np.float32(input_scale) * scale
+    bias = np.round(layer.bias / bias_scale.astype(np.float64))
+    error = np.abs(bias * bias_scale - layer.bias).max(initial=0) / output_scale
+    if error > BIAS_TOLERANCE:
+        return False
     dq.input[0] = g.add_init(levels.astype(np.int8), "levels")
     dq.input[1] = g.add_init(scale, "weight_scale")
     del dq.input[2:]
     dq.attribute.clear()
     dq.attribute.append(_axis(0))
-    bias_scale = np.float32(input_scale) * scale
-    bias = np.round(layer.bias / bias_scale.astype(np.float64))
-    if np.abs(bias).max() >= 2**31:
-        raise ValueError(
-            f"The bias of {node.name!r} does not fit int32 at the scale input step × weight step: the steps "
-            "are too small for ONNX Runtime's integer kernels; export with weight_type='native'."
-        )
     from onnx import helper
 
     bias_dq = helper.make_node(
@@ -247,6 +292,7 @@ def _write_fused(g: _Graph, layer: _Layer, input_scale: float, input_top: int) -
     g.graph.node.insert(list(g.graph.node).index(node), bias_dq)
     del node.input[2:]
     node.input.append(bias_dq.output[0])
+    return True
 
 
 def _axis(value: int) -> Any:
@@ -296,21 +342,29 @@ def _write_conv_integer(g: _Graph, layer: _Layer, input_scale: float, input_dq: 
 
 def to_integer_kernels(proto: Any) -> None:
     """Rewrite ``proto`` (an hf-lts QDQ export with int8 levels, uint8 activations) in place, see above."""
+    del proto.graph.value_info[:]  # the exporter's intermediate types: some change here (a Pad's, say)
     g = _Graph(proto.graph)
     layers = [_Layer(g, n, dq) for n in list(g.graph.node) if (dq := _weight_dq(g, n)) is not None]
     for layer in layers:
         _fold_batch_norm(g, layer)
     g.refresh()
+    _pad_after_quantizer(g)
     _relu6_into_integer_clamp(g)
     for layer in layers:
         quantized_input = _input_quantizer(g, layer.node)
         if quantized_input is None:
             raise ValueError(f"{layer.node.name!r} has quantized weights but no quantized input")
         input_scale, input_dq = quantized_input
-        if layer.node.op_type == "Conv" and not _feeds_quantizer(g, layer.node.output[0]):
+        quantize = _next_quantizer(g, layer.node.output[0])
+        output_scale = float(g.const(quantize.input[1]).item()) if quantize is not None else np.inf
+        fused = layer.node.op_type == "Gemm" or quantize is not None
+        if not (fused and _write_fused(g, layer, input_scale, _input_top(g, input_dq), output_scale)):
+            if layer.node.op_type == "Gemm":
+                raise ValueError(
+                    f"The bias of {layer.node.name!r} does not fit int32 at the scale input step × weight "
+                    "step (a step near zero): export with weight_type='native'."
+                )
             _write_conv_integer(g, layer, input_scale, input_dq)
-        else:
-            _write_fused(g, layer, input_scale, _input_top(g, input_dq))
         g.refresh()
     while dead := [
         n for n in g.graph.node if not any(g.consumers.get(o) or o in g.outputs for o in n.output)
