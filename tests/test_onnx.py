@@ -66,7 +66,10 @@ def check_agreement(model, path: Path, pixels: torch.Tensor) -> float:
     scale = 1 + np.abs(expected).max()
     # Accumulation order only: nearly all logits agree to float precision. A pre-activation that lands on a
     # rounding boundary may take the neighbouring level in one runtime, which moves a few logits a little.
-    assert np.quantile(diff, 0.99) <= 1e-4 * scale and diff.max() <= 0.1 * scale
+    # The int8 form rounds biases to int32 where that moves a pre-activation by ≤ 1e-3 of an output step
+    # (onnx_int8.BIAS_TOLERANCE): a few more values sit that close to a boundary.
+    native = dict((p.key, p.value) for p in onnx.load(path).metadata_props)["hf_lts.weight_type"] == "native"
+    assert np.quantile(diff, 0.99) <= (1e-4 if native else 1e-3) * scale and diff.max() <= 0.1 * scale
     return float(diff.max())
 
 
@@ -193,26 +196,32 @@ def test_native_types_keep_int2_int4_levels(tmp_path):
 def test_negative_batch_norm_scales_at_8_bits(tmp_path):
     """A batch norm with negative scales: below 8 bits the channel's levels are negated; at 8 bits a channel
     with a level of -128 keeps its levels and takes a negative step. ONNX Runtime computes both exactly."""
-    model = trained(tiny_resnet, LTSConfig(weight_bits=8, activation_bits=8, per_channel=True))
+    model = prepare_model(
+        tiny_resnet(num_labels=10), LTSConfig(weight_bits=8, activation_bits=8, per_channel=True)
+    )
+    model.train()(pixel_values=torch.randn(8, 3, 32, 32))  # batch-norm statistics, activation steps
+    model.eval()
     conv = model.resnet.encoder.stages[0].layers[0].layer[0]  # conv → batch norm → ReLU → quantizer
+    trainable = (~conv.convolution.frozen_mask).flatten(1)
+    first, second = trainable.any(1).nonzero()[:2, 0].tolist()  # channels with a weight set from its latent
     with torch.no_grad():
-        conv.normalization.weight[:4] *= -1
-        step = conv.convolution.weight_quantizer.scale[0]
-        conv.convolution.weight[0, 0, 0, 0] = -200 * step  # clamps to level -128, in a negated channel
-        conv.convolution.weight[1].clamp_(min=-100 * step)  # no -128 there: negated levels
+        conv.normalization.weight[[first, second]] *= -1
+        step = conv.convolution.weight_quantizer.scale[first]
+        weight = conv.convolution.weight
+        weight.view(len(weight), -1)[first, trainable[first].nonzero()[0, 0]] = -200 * step  # level -128
+        weight[second].clamp_(min=-100 * conv.convolution.weight_quantizer.scale[second])
     levels = export_levels(conv.convolution)
-    assert levels[0].min() == -128 and levels[1].min() > -128
+    assert levels[first].min() == -128 and levels[second].min() > -128
     pixels = torch.randn(9, 3, 32, 32, generator=torch.Generator().manual_seed(5))
     path = export_onnx(model, tmp_path / "negative.onnx", example_inputs=pixels[:2])
     proto = onnx.load(path)
-    inits = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
-    steps = [
-        inits[n.input[1]]
-        for n in proto.graph.node
-        if n.op_type == "DequantizeLinear" and n.input[0] in inits and inits[n.input[0]].shape == levels.shape
-    ]
-    assert len(steps) == 1 and steps[0][0] < 0 and (steps[0][1:] > 0).all()
-    assert "QLinearConv" in optimized_ops(path)
+    stored = [t for t in proto.graph.initializer if holds_levels(t, levels.numpy())]
+    assert len(stored) == 1
+    rows = numpy_helper.to_array(stored[0]).astype(np.int64).reshape(len(levels), -1)
+    rows -= 128 if stored[0].data_type == onnx.TensorProto.UINT8 else 0
+    flat = levels.flatten(1).numpy()
+    ratio = [rows[c][flat[c] != 0][0] / flat[c][flat[c] != 0][0] for c in (first, second)]
+    assert ratio[0] > 0 and ratio[1] < 0  # -128 kept (a negative step instead), the other channel negated
     check_agreement(model, path, pixels)
 
 
@@ -305,8 +314,10 @@ def test_bad_input_is_one_clear_error(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match=r"has not seen data yet .* before exporting"):
         export_onnx(unseen, tmp_path)
     model = trained(tiny_resnet, LTSConfig(weight_bits=4, activation_bits=8), steps=1)
-    with pytest.raises(ValueError, match=r"opset 20 is too old for 4-bit levels: .* pass opset=21 or newer"):
+    with pytest.raises(ValueError, match=r"opset 20 is too old for the int8 form: .* pass opset=21 or newer"):
         export_onnx(model, tmp_path, opset=20)
+    with pytest.raises(ValueError, match=r"opset 20 is too old for 4-bit levels: .* pass opset=21 or newer"):
+        export_onnx(model, tmp_path, opset=20, weight_type="native")
     with pytest.raises(ValueError, match=r"opset 17 is too old: torch.onnx.export writes opset 18"):
         export_onnx(model, tmp_path, opset=17)
     monkeypatch.setitem(sys.modules, "onnxscript", None)  # as if the [onnx] extra were not installed

@@ -394,6 +394,11 @@ def export_onnx(
     opset = default_opset(layers, weight_type) if opset is None else opset
     if opset < MIN_OPSET:
         raise ValueError(f"opset {opset} is too old: torch.onnx.export writes opset {MIN_OPSET} or newer.")
+    if weight_type == "int8" and opset < INT4_OPSET:
+        raise ValueError(
+            f"opset {opset} is too old for the int8 form: it is written with opset-{INT4_OPSET} "
+            f"QuantizeLinear/DequantizeLinear; pass opset={INT4_OPSET} or newer (or opset=None)."
+        )
     inference = _inference_copy(model, layers, opset, weight_type)
     if example_inputs is None:
         example_inputs = _default_inputs(model)
@@ -412,12 +417,12 @@ def export_onnx(
     ):
         raise _fixed_size_error(example_inputs)
     _finalize(proto)
+    if opset > EXPORTER_MAX_OPSET:
+        proto = onnx.version_converter.convert_version(proto, opset)
     if dynamic_size and not _same_at_another_size(proto, inference, example_inputs):
         raise _fixed_size_error(example_inputs)
     if weight_type == "int8":
         to_integer_kernels(proto)
-    if opset > EXPORTER_MAX_OPSET:
-        proto = onnx.version_converter.convert_version(proto, opset)
     proto.producer_name = "hf-lts"
     onnx.helper.set_model_props(
         proto, {_META_WEIGHT_TYPE: weight_type, _META_DYNAMIC_SIZE: str(dynamic_size).lower()}
