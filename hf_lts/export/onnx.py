@@ -2,21 +2,27 @@
 
 Every quantized layer becomes, in standard ONNX:
 
-    x ─ [Clip] ─ QuantizeLinear(s_a, 0) ─ DequantizeLinear(s_a, 0) ─┐
+    x ─ QuantizeLinear(s_a, z) ─ [Clip] ─ DequantizeLinear(s_a, z) ─┐
                                                                     Conv / Gemm ─ (rest of the graph)
     integer levels q (initializer) ─ DequantizeLinear(s_w, axis=0) ─┘
 
-with the learned steps (per tensor, or per output channel for the weights), zero points 0, unsigned
-activation types after ReLU and signed ones otherwise, and the smallest integer type that the opset and
-ONNX Runtime support for the bit width (`integer_type`): 2-bit → int2/uint2 (opset ≥ 25), 3/4-bit (and
-2-bit at opset 21-24) → int4/uint4, 5- to 8-bit → int8/uint8. Where the type is wider than the bit width
-(3-bit in int4, say) a ``Clip`` to ``[Qn·s_a, Qp·s_a]`` before the ``QuantizeLinear`` gives exactly the
-trained range. Layers kept in fp32 stay plain float Conv/Gemm. ONNX Runtime computes the same levels as
-PyTorch; only the float accumulation order differs.
+with the learned steps. Two forms (``weight_type``):
 
-The graph is traced by ``torch.onnx.export`` (dynamo) from a copy of the model whose quantized layers call
-two small custom ops, translated to the Q/DQ nodes above; the ``torch.onnx`` optimizer keeps Q/DQ nodes,
-so batch norms stay separate from the dequantized weights. Needs the ``[onnx]`` extra.
+- ``"int8"`` (default): levels of every bit width in ``int8``, activations in ``uint8`` (zero point 0 after
+  ReLU, 128 for signed levels) with an integer ``Clip`` to the trained range below 8 bits, then the
+  rewrite of `hf_lts.export.onnx_int8`: batch norms folded into the per-channel steps and biases, ReLU6 and
+  TensorFlow-style padding moved to where ONNX Runtime's QDQ fusion wants them. ONNX Runtime then runs
+  each quantized convolution on QLinearConv (integer in and out) or, where its output stays float (a
+  residual sum) or an int32 bias would not be exact enough, on ConvInteger.
+- ``"native"``: the smallest ONNX integer type per bit width (`integer_type`: int2 at opset ≥ 25, int4,
+  int8), batch norms left as they are, a ``Clip`` before each quantizer whose type is wider than its bit
+  width: a smaller file, run on float kernels after dequantizing.
+
+Layers kept in fp32 stay plain float Conv/Gemm. Batch, height and width are free by default; an
+architecture whose forward fixes the size is refused with a clear error (``dynamic_size=False`` exports
+it at the example's size). The graph is traced by ``torch.onnx.export`` (dynamo) from a copy of the model
+whose quantized layers call two small custom ops, translated to the Q/DQ nodes above. Needs the
+``[onnx]`` extra.
 """
 
 from __future__ import annotations

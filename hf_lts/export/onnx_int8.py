@@ -247,7 +247,9 @@ def _spread(layer: _Layer, input_scale: float, input_top: int) -> tuple[np.ndarr
     top = np.maximum(np.abs(flat).max(axis=1), 1)
     units = np.abs(layer.bias) / (input_scale * layer.scale)
     room = np.floor((2**31 - 2**8) / np.maximum(units, 1e-30))
-    k = np.minimum(np.maximum(min(127, 32767 // (2 * input_top)) // top, 1), room)  # 1: -128 at 8 bits
+    k = np.minimum(
+        np.maximum(min(127, 32767 // (2 * max(input_top, 1))) // top, 1), room
+    )  # 1: -128 at 8 bits
     if not (k >= 1).all():
         return None
     k = k.astype(np.int64)
