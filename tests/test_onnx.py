@@ -161,10 +161,10 @@ def check_case(case: tuple[str, int, int, bool], tmp_path: Path) -> None:
         levels = export_levels(layer).numpy()
         assert any(holds_levels(t, levels) for t in inits), f"{name}: no initializer holds its levels"
     # ONNX Runtime runs every quantized convolution on an integer kernel (QLinearConv, or ConvInteger where
-    # an int32 bias would not be exact enough: at 8 bits, in these barely trained models): no float Conv.
+    # the output stays float or an int32 bias would not be exact enough): no float Conv.
     optimized = optimized_ops(path)
     assert "Conv" not in optimized and "BatchNormalization" not in optimized
-    assert ("QLinearConv" in optimized) if wbits < 8 else ("ConvInteger" in optimized)
+    assert {"QLinearConv", "ConvInteger"} & set(optimized)
     check_agreement(model, path, pixels)
     bigger = torch.randn(5, 3, 48, 40, generator=torch.Generator().manual_seed(2))  # height and width free
     check_agreement(model, path, bigger)
