@@ -6,16 +6,19 @@ It works on the LTS state buffers of a prepared model and knows nothing of the T
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from .config import LTSConfig
+from .quantization import backend as backends
 from .quantization import native, state
 from .quantization.layers import QuantLayerMixin
-from .quantization.lsq import SCALE_EPS, Kernel, compile_default
+from .quantization.lsq import SCALE_EPS, Kernel
 from .quantization.prepare import quantized_layers
 
 
@@ -63,61 +66,83 @@ def update_layer_state(
     weight: torch.Tensor,
     packed: torch.Tensor,
     scale: torch.Tensor,
-    key: int,
+    held_scale: torch.Tensor,
+    step: torch.Tensor,
+    thresholds: torch.Tensor,
+    index: int,
     keep: float,
-    threshold: int,
     restart_observed: bool,
     qmin: int,
     qmax: int,
-    restore: bool = True,
+    complete_at: int | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One LTS update of a layer (LTS.md §2–4), in place; returns how many weights froze now and how many
-    are frozen per output channel (which channels can skip their weight gradient, or be completed).
+    """One LTS update of a layer (LTS.md §2–4) on its device, in place, without a host synchronisation;
+    returns the frozen weights per output channel (int32) and in all.
 
-    ``weight`` and ``packed`` are ``[out_channels, -1]`` aliases of the layer's weight and state, ``scale``
-    its ``C`` steps, ``key`` seeds the stochastic rounding, ``keep = 1 - m`` (rounded to float32),
-    ``threshold`` is ``r(t)`` in fixed point (``-1`` while nothing may freeze) and ``restart_observed``
-    selects ``distance_init="observed"`` (a compiled kernel takes the last three as 0-d tensors). Frozen
-    weights keep their state and get their held latent value back; trainable ones update their distance
-    EMA in fixed point,
+    ``weight`` and ``packed`` are ``[out_channels, K]`` views of the layer's weight and state, ``scale`` its
+    ``C`` steps and ``held_scale`` their copy kept for a fully frozen weight (restored here: under DDP it
+    gets zero gradients, which momentum would turn into updates). ``step`` is the layer's ``lts_step`` (this
+    optimizer step, on the device), ``thresholds[t]`` is ``r(t)`` in fixed point (``-1`` while nothing may
+    freeze), ``index`` the layer's position (with ``step``, it seeds the stochastic rounding), ``keep = 1 - m``
+    (rounded to float32), ``restart_observed`` selects ``distance_init="observed"`` and ``complete_at``
+    (frozen weights of a channel that complete it, or ``None``) channel completion. Frozen weights keep
+    their state and get their held latent value back; trainable ones update their distance EMA in fixed
+    point,
 
         d ← d + floor((1 - m) · (d_now - d) + u),    u ~ U[0, 1)   (stochastic rounding),
 
     restart at a whole step when their level changed (with ``restart_observed``, an EMA at exactly one
     step instead takes the distance it observes: ``1 - m`` is 1 there), and freeze (snapped onto their
-    level) once ``d ≤ r(t)``. Only integer ops and single IEEE float ops: the eager and compiled results
-    agree bit for bit. ``restore=False`` (a layer with no frozen weight yet) leaves ``weight`` alone, a
-    weight-sized write saved: the caller snaps weights that froze now (`QuantLayerMixin._restore_frozen`).
+    level) once ``d ≤ r(t)``. Only integer ops and single IEEE float ops: the native, eager and compiled
+    results agree bit for bit.
     """
-    channels = scale.shape[0]
-    flat_weight, flat_packed = weight, packed
-    weight, packed = weight.view(channels, -1), packed.view(channels, -1)
-    scale = torch.clamp(scale, min=SCALE_EPS).view(channels, 1)
+    channels, per_row = weight.shape
     frozen = (packed & state.FROZEN_BIT) != 0
-    v = weight.float() * torch.reciprocal(scale)
+    scale = scale.copy_(torch.where(frozen.all(), held_scale, scale))
+    held_scale.copy_(scale)
+    s = torch.clamp(scale, min=SCALE_EPS).view(-1, 1)
+    v = weight.float() * torch.reciprocal(s)
     q = torch.round(v).clamp_(qmin, qmax)
     d_now = (v - q).abs_().clamp_(max=state.DISTANCE_MAX).mul_(state.DISTANCE_ONE)
     old = packed & state.DISTANCE_MASK
     rate = torch.where((old == state.DISTANCE_ONE) & restart_observed, 1.0, keep)
-    index = torch.arange(packed.numel(), device=packed.device).view(packed.shape)
-    delta = torch.floor(rate * (d_now - old.float()) + _hash_uniform(index, key))
+    key = (step * 0x9E3779B1 + index * 0x85EBCA77) & _LOW32  # `_step_key`, on the device
+    draws = torch.arange(packed.numel(), device=packed.device).view(packed.shape)
+    delta = torch.floor(rate * (d_now - old.float()) + _hash_uniform(draws, key))
     fixed = (old + delta.to(torch.int32)).clamp_(0, state.DISTANCE_MASK)
     level = q.to(torch.int32)
     fixed = torch.where(level != (packed >> state.LEVEL_SHIFT), state.DISTANCE_ONE, fixed)
+    threshold = torch.index_select(thresholds, 0, step.clamp(max=thresholds.numel() - 1).view(1))
     newly = ~frozen & (fixed <= threshold)
-    low = torch.where(newly, state.bfloat16_bits(q * scale) + state.FROZEN_BIT, fixed)
+    low = torch.where(newly, state.bfloat16_bits(q * s) + state.FROZEN_BIT, fixed)
     new = torch.where(frozen, packed, level * (1 << state.LEVEL_SHIFT) + low)
-    flat_packed.copy_(new.view_as(flat_packed))
     frozen_now = (new & state.FROZEN_BIT) != 0
-    if restore:
-        held = state.from_bfloat16_bits(new).to(weight.dtype)
-        flat_weight.copy_(torch.where(frozen_now, held, weight).view_as(flat_weight))
-    return newly.sum(), frozen_now.view_as(flat_packed).sum(1)
+    per_channel = frozen_now.sum(1)
+    if complete_at is not None:  # freeze the rest of each channel past the share, at its level
+        complete = (per_channel >= complete_at) & (per_channel < per_row)
+        fill = complete.view(-1, 1) & ~frozen_now
+        levels = state.levels(new)
+        new = torch.where(fill, state.pack_frozen(levels, levels * s), new)
+        frozen_now = (new & state.FROZEN_BIT) != 0
+        per_channel = frozen_now.sum(1)
+    packed.copy_(new)
+    weight.copy_(torch.where(frozen_now, state.from_bfloat16_bits(new).to(weight.dtype), weight))
+    return per_channel.to(torch.int32), per_channel.sum()
 
 
-#: One layer's update as a `torch.compile` kernel off the CPU, or eagerly; on a CPU the scratcher updates
-#: every layer in one native call instead (`LotteryTicketScratcher._update`), so there is no per-layer op.
-_UPDATE = Kernel(update_layer_state, None, {4: torch.float32, 5: torch.int32, 6: torch.bool})
+_UPDATE = Kernel(
+    update_layer_state,
+    None,
+    {6: torch.int64, 7: torch.float32, 8: torch.bool, 9: torch.float32, 10: torch.float32, 11: torch.int64},
+)
+
+
+@functools.lru_cache(maxsize=1024)
+def completion_count(share: float, per_row: int) -> int:
+    """The fewest frozen weights of ``per_row`` that complete a channel at ``share``: the count ``c`` from
+    which ``c / per_row ≥ share`` in float32, as the native update compares."""
+    counts = torch.arange(per_row + 1)
+    return int((counts / per_row >= share).nonzero()[0])
 
 
 class LotteryTicketScratcher:
@@ -127,9 +152,6 @@ class LotteryTicketScratcher:
         model: a model prepared with `hf_lts.prepare_model`.
         config: its `LTSConfig` (default: ``model.lts_config``).
         total_steps: ``T``, the run's number of optimizer steps (sets warm-up and schedule).
-        compile: run the per-layer update as one fused kernel (native on a CPU, `torch.compile` elsewhere;
-            bit-identical to eager). ``None``: unless ``HF_LTS_COMPILE=0``. If that fails, it warns and
-            stays eager.
 
     All state, the step counter included, lives in the layers' buffers: a model restored from a
     ``state_dict`` mid-run continues exactly, and a new scratcher over it picks up where it was.
@@ -142,7 +164,6 @@ class LotteryTicketScratcher:
         model: nn.Module,
         config: LTSConfig | None = None,
         total_steps: int = 1,
-        compile: bool | None = None,
     ) -> None:
         self.config = config if config is not None else getattr(model, "lts_config", None)
         if self.config is None:
@@ -157,20 +178,39 @@ class LotteryTicketScratcher:
         if not isinstance(total_steps, int) or total_steps < 1:
             raise ValueError(f"total_steps={total_steps!r}: pass the run's number of optimizer steps (≥ 1).")
         self.total_steps = total_steps
-        self._compile = compile_default() if compile is None else compile
         # weight._version after our last write, per fully frozen layer: unchanged means no optimizer
         # touched it (its gradient was None), so there is nothing to restore.
         self._restored_version: dict[str, int] = {}
         self._aliases: dict[str, tuple[torch.Tensor, ...]] = {}
+        self._thresholds: tuple[tuple[int, str], torch.Tensor] | None = None
+        self._pending: tuple[torch.Tensor, torch.cuda.Event | None] | None = None
+        self._counts: list[np.ndarray | None] = [None] * len(self.layers)
+        self._full_counts: dict[int, torch.Tensor] = {}  # frozen counts of fully frozen layers (constant)
+        # A checkpoint is taken with the counts applied (and a loaded one applies them exactly), so a run
+        # resumed from it skips the channels the uninterrupted run skips, step for step.
+        model.register_state_dict_pre_hook(lambda *args, **kwargs: self._collect())
+        model.register_load_state_dict_pre_hook(lambda *args, **kwargs: setattr(self, "_pending", None))
 
     @property
     def step_count(self) -> int:
         """Optimizer steps seen so far (read from the layers' buffers)."""
         return int(next(iter(self.layers.values())).lts_step)
 
+    def _backend(self) -> str:
+        layer = next(iter(self.layers.values()))
+        return backends.select(layer.weight.device, layer.weight.dtype)
+
     @torch.no_grad()
     def step(self) -> None:
         """Account for one optimizer step: restore frozen latent weights, update distances, freeze."""
+        backend = self._backend()
+        if backend == "native":
+            self._native_step()
+        else:
+            self._device_step(backend)
+
+    def _native_step(self) -> None:
+        """The step on a CPU: one native call updates every layer, and the host reads what froze at once."""
         t = self.step_count + 1
         config = self.config
         threshold = freeze_threshold(config, t, self.total_steps) if config.freeze else None
@@ -192,20 +232,22 @@ class LotteryTicketScratcher:
         step = torch.tensor(t, dtype=torch.int64, device=device)
         torch._foreach_copy_([layer.lts_step for layer in self.layers.values()], [step] * len(self.layers))
         if updates:
-            newly_frozen, per_channels = self._update(updates, scalars)
+            newly_frozen, per_channels = self._native_update(updates, scalars)
             for (layer, _, _), newly, per_channel in zip(updates, newly_frozen, per_channels, strict=True):
                 if newly:
                     first = layer._num_frozen == 0  # the kernel did not touch its weight: snap them here
-                    layer._num_frozen += newly
+                    layer._note_frozen(newly)
                     if first:
                         layer._restore_frozen()
                     if config.channel_completion is not None:
                         per_channel = self._complete_channels(layer, config.channel_completion, per_channel)
                     layer._refresh_active_channels(per_channel)
-        layers = list(self.layers.values())  # the counters, as one op each rather than one per layer
-        torch._foreach_add_(
-            [layer.lts_frozen_steps for layer in layers], [layer.num_frozen for layer in layers]
-        )
+        self._add_counters([layer.num_frozen for layer in self.layers.values()])
+
+    def _add_counters(self, frozen: list[int] | list[torch.Tensor]) -> None:
+        """Σ frozen weights and Σ skipped weight-gradient share, one op each rather than one per layer."""
+        layers = list(self.layers.values())
+        torch._foreach_add_([layer.lts_frozen_steps for layer in layers], frozen)
         torch._foreach_add_(
             [layer.lts_skipped_steps for layer in layers],
             [layer.skipped_weight_grad_ratio for layer in layers],
@@ -217,8 +259,9 @@ class LotteryTicketScratcher:
         frozen weights of ``layer.weight[0].numel()``), at its current level: the channel's weight gradient
         is then skipped (LTS.md §7, channel completion). Returns the frozen weights per channel after it."""
         per_row = layer.weight[0].numel()
-        ratio = per_channel / per_row
-        rows = ((ratio >= share) & (ratio < 1)).nonzero().flatten()
+        rows = (
+            ((per_channel >= completion_count(share, per_row)) & (per_channel < per_row)).nonzero().flatten()
+        )
         if rows.numel() == 0:
             return per_channel
         part = layer.lts_state.index_select(0, rows)
@@ -230,7 +273,7 @@ class LotteryTicketScratcher:
         they share storage, so they see every update), or ``None`` for a non-contiguous weight."""
         cached = self._aliases.get(name)
         weight, packed, scale = layer.weight, layer.lts_state, layer.weight_quantizer.scale
-        if cached is None or [a.data_ptr() for a in cached] != [
+        if cached is None or [a.data_ptr() for a in cached[:3]] != [
             weight.data_ptr(),
             packed.data_ptr(),
             scale.data_ptr(),
@@ -245,11 +288,11 @@ class LotteryTicketScratcher:
             )
         return cached
 
-    def _update(
+    def _native_update(
         self, updates: list[tuple[QuantLayerMixin, str, int]], scalars: tuple[float, int, bool]
     ) -> tuple[list[int], list[torch.Tensor]]:
-        """`update_layer_state` of ``updates`` (layer, name, hash key): weights frozen now per layer, and
-        frozen weights per output channel. On a CPU one native call updates every layer."""
+        """`hf_lts::update_layers` of ``updates`` (layer, name, hash key): weights frozen now per layer, and
+        frozen weights per output channel."""
         layers = [layer for layer, _, _ in updates]
         flats = []
         for layer, name, _ in updates:
@@ -263,66 +306,148 @@ class LotteryTicketScratcher:
                 )
             flats.append(flat)
         bounds = [(layer.weight_quantizer.qmin, layer.weight_quantizer.qmax) for layer in layers]
-        restore = [layer.num_frozen > 0 for layer in layers]
-        ops = native.ops() if self._compile and layers[0].weight.device.type == "cpu" else None
-        if ops is not None:
-            weights, packed, scales = (list(column) for column in zip(*flats, strict=True))
-            newly, per_channel = ops.update_layers(
-                weights, packed, scales, [key for _, _, key in updates], *scalars,
-                *([list(b) for b in zip(*bounds, strict=True)]), [int(r) for r in restore],
-            )  # fmt: skip
-            torch.autograd.graph.increment_version(weights + packed)  # written in place by the native op
-            newly = newly.tolist()
-        else:
-            results = [
-                _UPDATE(*flat, key, *scalars, *bound, again, compiled=self._compile)
-                for flat, (_, _, key), bound, again in zip(flats, updates, bounds, restore, strict=True)
-            ]
-            newly = torch.stack([n for n, _ in results]).tolist()
-            per_channel = [c for _, c in results]
+        restore = [int(layer.num_frozen > 0) for layer in layers]
+        weights, packed, scales = (list(column) for column in zip(*flats, strict=True))
+        newly, per_channel = native.ops().update_layers(
+            weights, packed, scales, [key for _, _, key in updates], *scalars,
+            *([list(b) for b in zip(*bounds, strict=True)]), restore,
+        )  # fmt: skip
+        torch.autograd.graph.increment_version(weights + packed)  # written in place by the native op
         for layer, flat in zip(layers, flats, strict=True):
             if flat[0].data_ptr() != layer.weight.data_ptr():
                 layer.weight.detach().copy_(flat[0].view_as(layer.weight))
-        return newly, per_channel
+        return newly.tolist(), per_channel
+
+    # -- the device's step: no host synchronisation ----------------------------------------------------
+    def _device_step(self, backend: str) -> None:
+        """The step of the compiled and eager backends (a GPU's): every decision stays on the device. The
+        step counter advances there, thresholds come from a device table, each layer's update (with channel
+        completion) is one kernel, the counters add device values, and the frozen counts per channel travel
+        to the host without waiting: the host applies them (skipped channels, fully frozen layers) at the
+        next step, when they have long arrived."""
+        config = self.config
+        layers = list(self.layers.values())
+        self._collect()
+        torch._foreach_add_([layer.lts_step for layer in layers], 1)
+        if not config.freeze:
+            for layer in layers:
+                layer._restore_frozen()
+            self._add_counters([0] * len(layers))
+            return
+        thresholds = self._threshold_table(layers[0].lts_state.device)
+        keep, observed = 1.0 - config.distance_momentum, config.distance_init == "observed"
+        counts, totals = [], []
+        for index, (name, layer) in enumerate(self.layers.items()):
+            wq, channels = layer.weight_quantizer, layer.weight.shape[0]
+            full = layer.num_frozen == layer.weight.numel()  # (as the host knows it: late, but monotone)
+            if full and self._restored_version.get(name) == layer.weight._version:
+                counts.append(self._full_counts[index])  # nothing touched it since: nothing to hold
+                totals.append(self._full_counts[index].sum())
+                continue
+            complete_at = None
+            if config.channel_completion is not None:
+                complete_at = completion_count(config.channel_completion, layer.weight[0].numel())
+            per_channel, total = _UPDATE(
+                layer.weight.view(channels, -1).detach(), layer.lts_state.view(channels, -1).detach(),
+                wq.scale.detach(), layer.lts_held_scale, layer.lts_step, thresholds, index,
+                keep, observed, wq.qmin, wq.qmax, complete_at, backend=backend,
+            )  # fmt: skip
+            counts.append(per_channel)
+            totals.append(total)
+            if full:
+                self._restored_version[name] = layer.weight._version
+                self._full_counts[index] = per_channel
+        self._add_counters(totals)
+        self._send(torch.cat(counts))
+
+    def _threshold_table(self, device: torch.device) -> torch.Tensor:
+        """``r(t)`` in fixed point for ``t = 0 … T`` on ``device`` (``-1`` during warm-up), computed by
+        `freeze_threshold` once per run length: the device indexes it with its own step counter."""
+        key = (self.total_steps, str(device))
+        if self._thresholds is None or self._thresholds[0] != key:
+            table = [
+                -1 if (r := freeze_threshold(self.config, t, self.total_steps)) is None
+                else math.floor(r * state.DISTANCE_ONE)
+                for t in range(self.total_steps + 1)
+            ]  # fmt: skip
+            self._thresholds = (key, torch.tensor(table, dtype=torch.int32).to(device))
+        return self._thresholds[1]
+
+    def _send(self, counts: torch.Tensor) -> None:
+        """Start copying the frozen counts per channel to the host, without waiting for them."""
+        if counts.device.type == "cuda":
+            host = torch.empty(counts.shape, dtype=counts.dtype, pin_memory=True)
+            host.copy_(counts, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            self._pending = (host, event)
+        else:
+            self._pending = (counts.clone(), None)
+
+    def _collect(self) -> None:
+        """Apply the counts `_send` sent (after the step that sent them, they are there: waiting for them
+        does not stall the device's queue, which already holds the next step)."""
+        if self._pending is None:
+            return
+        host, event = self._pending
+        self._pending = None
+        if event is not None:
+            event.synchronize()
+        counts = host.numpy()
+        offset = 0
+        for i, layer in enumerate(self.layers.values()):
+            channels = layer.weight.shape[0]
+            part = counts[offset : offset + channels]
+            offset += channels
+            if self._counts[i] is None or not np.array_equal(part, self._counts[i]):
+                self._counts[i] = part.copy()
+                layer._set_frozen_counts(part)
 
     def stats(self) -> dict[str, Any]:
-        """Frozen ratio now, and the weight updates and backward FLOPs saved so far (LTS.md §5).
+        """`layer_stats` of this scratcher's layers (the savings so far; reads the device)."""
+        self._collect()
+        return layer_stats(self.layers, self.total_steps)
 
-        ``backward_flops_saved`` is the paper's count (every frozen weight's share of its layer's
-        weight-gradient work); ``backward_flops_saved_realised`` is the work the backward pass actually
-        skipped: the weight gradients of output channels (or whole layers) with no trainable weight left.
-        """
-        t = self.step_count
-        numel = {n: layer.weight.numel() for n, layer in self.layers.items()}
-        total = sum(numel.values())
-        frozen_steps = {n: float(layer.lts_frozen_steps) for n, layer in self.layers.items()}
-        skipped_steps = {n: float(layer.lts_skipped_steps) for n, layer in self.layers.items()}
-        macs = {n: int(layer.lts_macs) for n, layer in self.layers.items()}
-        all_macs = sum(macs.values())
-        saved_flops = realised_flops = 0.0
-        if t and all_macs:
-            saved_flops = sum(frozen_steps[n] / numel[n] * macs[n] for n in self.layers) / (2 * all_macs * t)
-            realised_flops = sum(skipped_steps[n] * macs[n] for n in self.layers) / (2 * all_macs * t)
-        return {
-            "step": t,
-            "total_steps": self.total_steps,
-            "frozen_ratio": sum(layer.num_frozen for layer in self.layers.values()) / total,
-            "weight_updates_saved": sum(frozen_steps.values()) / (total * t) if t else 0.0,
-            "backward_flops_saved": saved_flops,
-            "backward_flops_saved_realised": realised_flops,
-            "state_bytes_per_weight": sum(
-                layer.lts_state.numel() * layer.lts_state.element_size() for layer in self.layers.values()
-            )
-            / total,
-            "quantized_weights": total,
-            "per_layer": {
-                n: {
-                    "frozen_ratio": layer.num_frozen / numel[n],
-                    "skipped_weight_grad_ratio": layer.skipped_weight_grad_ratio,
-                    "weight_bits": layer.weight_quantizer.bits,
-                    "activation_bits": layer.input_quantizer.bits,
-                    "numel": numel[n],
-                }
-                for n, layer in self.layers.items()
-            },
-        }
+
+def layer_stats(layers: dict[str, QuantLayerMixin], total_steps: int | None = None) -> dict[str, Any]:
+    """Frozen ratio now, and the weight updates and backward FLOPs saved so far (LTS.md §5), from the
+    layers' buffers (`LotteryTicketScratcher.stats`; an export reads them without a scratcher).
+
+    ``backward_flops_saved`` is the paper's count (every frozen weight's share of its layer's
+    weight-gradient work); ``backward_flops_saved_realised`` is the work the backward pass actually
+    skipped: the weight gradients of output channels (or whole layers) with no trainable weight left.
+    """
+    t = int(next(iter(layers.values())).lts_step)
+    numel = {n: layer.weight.numel() for n, layer in layers.items()}
+    total = sum(numel.values())
+    frozen_steps = {n: float(layer.lts_frozen_steps) for n, layer in layers.items()}
+    skipped_steps = {n: float(layer.lts_skipped_steps) for n, layer in layers.items()}
+    macs = {n: int(layer.lts_macs) for n, layer in layers.items()}
+    all_macs = sum(macs.values())
+    saved_flops = realised_flops = 0.0
+    if t and all_macs:
+        saved_flops = sum(frozen_steps[n] / numel[n] * macs[n] for n in layers) / (2 * all_macs * t)
+        realised_flops = sum(skipped_steps[n] * macs[n] for n in layers) / (2 * all_macs * t)
+    return {
+        "step": t,
+        "total_steps": total_steps,
+        "frozen_ratio": sum(layer.num_frozen for layer in layers.values()) / total,
+        "weight_updates_saved": sum(frozen_steps.values()) / (total * t) if t else 0.0,
+        "backward_flops_saved": saved_flops,
+        "backward_flops_saved_realised": realised_flops,
+        "state_bytes_per_weight": sum(
+            layer.lts_state.numel() * layer.lts_state.element_size() for layer in layers.values()
+        )
+        / total,
+        "quantized_weights": total,
+        "per_layer": {
+            n: {
+                "frozen_ratio": layer.num_frozen / numel[n],
+                "skipped_weight_grad_ratio": layer.skipped_weight_grad_ratio,
+                "weight_bits": layer.weight_quantizer.bits,
+                "activation_bits": layer.input_quantizer.bits,
+                "numel": numel[n],
+            }
+            for n, layer in layers.items()
+        },
+    }

@@ -7,6 +7,7 @@ working across transformers releases.
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import os
@@ -18,7 +19,16 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 from torch import nn
-from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from torch.nn import functional as F
+from transformers import (
+    PreTrainedModel,
+    Trainer,
+    TrainerCallback,
+    TrainerControl,
+    TrainerState,
+    TrainingArguments,
+)
+from transformers.modeling_outputs import ImageClassifierOutput
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import HubStrategy, TrainOutput, load_sharded_checkpoint
 from transformers.training_args import ParallelMode
@@ -237,6 +247,13 @@ class LTSTrainer(Trainer):
         # divided by the accumulation steps and DDP averages over ranks: the gradient of a global batch is
         # the same for any number of processes.
         self.model_accepts_loss_kwargs = False
+        # transformers classifiers whose forward takes no labels (DeiT's and LeViT's distilled *WithTeacher
+        # models): the Trainer keeps the labels column and computes their loss itself (`compute_loss`).
+        self._loss_from_logits = isinstance(model, PreTrainedModel) and (
+            "labels" not in inspect.signature(model.forward).parameters
+        )
+        if self._loss_from_logits and self.args.label_names is None:
+            self.label_names = ["labels"]
         self.scratcher = LotteryTicketScratcher(self.model, total_steps=max(1, self.args.max_steps))
         self.add_callback(LTSCallback(self.scratcher))
         #: Bytes the gradient all-reduce sent / would have sent by default, under DDP (`hf_lts.distributed`).
@@ -311,6 +328,27 @@ class LTSTrainer(Trainer):
         return optimizer
 
     # -- logging -----------------------------------------------------------------------------------------
+    def compute_loss(
+        self,
+        model: nn.Module,
+        inputs: dict[str, Any],
+        return_outputs: bool = False,
+        num_items_in_batch: torch.Tensor | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, Any]:
+        """The model's own loss; for a classifier whose forward takes no labels, cross-entropy of its logits
+        — of a distilled model, the mean over its class and distillation heads, the hard-label distillation
+        of DeiT with the labels in place of the teacher's predictions."""
+        if not self._loss_from_logits or "labels" not in inputs:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        inputs = dict(inputs)
+        labels = inputs.pop("labels")
+        outputs = model(**inputs)
+        heads = [getattr(outputs, k, None) for k in ("cls_logits", "distillation_logits")]
+        if any(h is None for h in heads):
+            heads = [outputs.logits]
+        loss = torch.stack([F.cross_entropy(h, labels) for h in heads]).mean()
+        return (loss, ImageClassifierOutput(logits=outputs.logits)) if return_outputs else loss
+
     def lts_metrics(self) -> dict[str, float]:
         """``lts/frozen_ratio``, ``lts/weight_updates_saved``, ``lts/backward_flops_saved`` now, and under DDP
         ``lts/allreduce_bytes_saved`` (the share of gradient all-reduce bytes not sent so far)."""

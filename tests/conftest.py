@@ -97,3 +97,13 @@ def hub_server(
         # Reset rather than patch: transformers creates its HfApi on first use, from `constants.ENDPOINT`.
         monkeypatch.setattr("transformers.utils.hub._hf_api", None)
         yield server
+
+
+@pytest.fixture(params=["native", "compiled", "eager"])
+def backend(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Each kernel backend in turn, for layers and scratcher alike (`hf_lts.quantization.backend`): the GPU's
+    ``compiled`` path runs here on the CPU."""
+    from hf_lts.quantization import backend as backends
+
+    with backends.forced(request.param):
+        yield request.param

@@ -1,4 +1,4 @@
-"""The GPU check script must keep running: a CPU smoke run with a tiny model."""
+"""The GPU check script must keep running: a CPU smoke run on a tiny model, through the GPU's compiled path."""
 
 import json
 import os
@@ -20,13 +20,20 @@ def test_gpu_check_smoke_run_on_cpu(tmp_path):
         "--batch",
         "2",
     ]
-    cmd += ["--steps", "1", "--tiny", "--output", str(out)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd += ["--steps", "1", "--tiny", "--models", "resnet18", "--output", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_LTS_BACKEND": "compiled"}
     proc = subprocess.run(
-        cmd, cwd=Path(__file__).parents[1], env=env, capture_output=True, text=True, timeout=300
+        cmd, cwd=Path(__file__).parents[1], env=env, capture_output=True, text=True, timeout=600
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "| resnet18 | bf16 | lts-100% |" in proc.stdout  # the table
     result = json.loads(out.read_text())
-    assert result["frozen_exact"] and result["frozen_grads_zero"] and result["full_layer_grad_skipped"]
-    assert set(result["median_step_seconds"]) == {"fp32", "qat", "lts@0%", "lts@70%", "lts@100%"}
-    assert result["ratios_to_qat"]["qat"] == 1.0
+    assert result["backends"] == {"cpu/float32": "compiled"}
+    for check in ("frozen_exact", "frozen_grads_zero", "full_layer_grad_skipped", "compiled_equals_eager"):
+        assert result[check] is True, check
+    timings = result["timings"]
+    assert set(timings) == {f"resnet18/{p}/{v}" for p in ("fp32", "bf16") for v in
+                            ("fp32", "qat", "lts", "lts-freezing", "lts-90%", "lts-100%")}  # fmt: skip
+    assert all("error" not in row and row["recompiles"] == 0 for row in timings.values()), timings
+    assert timings["resnet18/fp32/lts-100%"]["frozen_ratio"] == 1.0
+    assert 0 < timings["resnet18/fp32/lts-freezing"]["frozen_ratio"] <= 1

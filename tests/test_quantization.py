@@ -10,6 +10,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from hf_lts import LTSConfig, QuantConv2d, QuantLinear, prepare_model
+from hf_lts.quantization import backend as backends
 from hf_lts.quantization import layers as layer_module
 from hf_lts.quantization import native, quantized_layers, state
 from hf_lts.quantization.lsq import fake_quantize, lsq_forward, signed_range, unsigned_range
@@ -270,13 +271,14 @@ def test_fused_fake_quantization_is_bit_identical_to_eager(per_channel):
     packed = levels * (1 << 24) + (torch.rand(x.shape) < 0.5).int() * (1 << 23)
     grad_out = torch.randn(x.shape)
     results = []
-    for fused in (False, True):
+    for backend in ("eager", "native", "compiled"):
         xg, sg = x.clone().requires_grad_(), scale.clone().requires_grad_()
-        out = fake_quantize(xg, sg, -8, 7, 0.01, packed, fused)
+        out = fake_quantize(xg, sg, -8, 7, 0.01, packed, backend, weight=True)
         out.backward(grad_out)
         results.append((out.detach(), xg.grad, sg.grad))
-    for name, eager, fused in zip(("output", "input", "step_scale"), *results, strict=True):
-        _assert_same(name, fused, eager)
+    for other in results[1:]:
+        for name, eager, fused in zip(("output", "input", "step_scale"), results[0], other, strict=True):
+            _assert_same(name, fused, eager)
 
 
 def _grads(layer, x, forward=None):
@@ -325,7 +327,9 @@ def _layer(kind, bits, per_channel, frozen):
 @pytest.mark.parametrize("per_channel", [False, True])
 @pytest.mark.parametrize("signed", [True, False])
 @pytest.mark.parametrize("frozen", ["none", "random", "channels", "all"])
-def test_fused_layer_is_bit_identical_to_the_previous_implementation(kind, bits, per_channel, signed, frozen):
+def test_fused_layer_is_bit_identical_to_the_previous_implementation(
+    backend, kind, bits, per_channel, signed, frozen
+):
     """The fused layer (recomputed quantized input, channel-sliced weight gradients, step gradients reduced
     in the kernels) against the implementation before it (tests/lsq_reference.py): the same output, input,
     weight and bias gradients, bit for bit; the step gradients, sums, up to float summation order."""
@@ -368,14 +372,16 @@ def test_first_layer_input_step_gradient_by_the_adjoint_identity(kind):
 
 
 @pytest.mark.parametrize("frozen", ["random", "channels"])
-def test_compiled_and_eager_layers_are_bit_identical(frozen):
+def test_native_compiled_and_eager_layers_are_bit_identical(frozen):
     layer, x = _layer("conv", 4, True, frozen)
     results = []
-    for fused in (True, False):
-        layer.weight_quantizer.fused = layer.input_quantizer.fused = fused
-        results.append(_grads(layer, x.relu().requires_grad_()))
-    for name, value in results[0].items():
-        _assert_same(name, value, results[1][name])
+    for backend in ("native", "compiled", "eager"):
+        with backends.forced(backend):
+            layer._refresh_cache()
+            results.append(_grads(layer, x.relu().requires_grad_()))
+    for other in results[1:]:
+        for name, value in results[0].items():
+            _assert_same(name, value, other[name])
 
 
 def test_the_fused_kernels_are_the_native_ones_on_this_cpu():
@@ -457,13 +463,15 @@ def test_a_failed_native_build_warns_and_runs_eagerly(monkeypatch):
         raise RuntimeError("no C++ compiler found")
 
     monkeypatch.setattr(torch.utils.cpp_extension, "load", no_compiler)
-    with pytest.warns(UserWarning, match="could not build its CPU kernels.*no C\\+\\+ compiler found"):
-        assert native.ops() is None
-    assert native.ops() is None  # decided once
-    layer, x = _layer("conv", 4, True, "channels")
-    fused = _grads(layer, x.relu().requires_grad_())
-    layer.weight_quantizer.fused = layer.input_quantizer.fused = False
-    eager = _grads(layer, x.relu().requires_grad_())
+    with backends.forced(None):  # the decisions made here are this process's: drop them afterwards
+        with pytest.warns(UserWarning, match="could not build its CPU kernels.*no C\\+\\+ compiler found"):
+            assert native.ops() is None
+        assert native.ops() is None  # decided once
+        assert backends.select(torch.device("cpu")) == "eager"
+        layer, x = _layer("conv", 4, True, "channels")
+        fused = _grads(layer, x.relu().requires_grad_())
+    with backends.forced("eager"):
+        eager = _grads(layer, x.relu().requires_grad_())
     for name, value in fused.items():
         assert value is None and eager[name] is None or torch.equal(value, eager[name]), name
 

@@ -40,6 +40,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import PreTrainedModel
 
 from ..quantization.layers import QuantLayerMixin
 from ..quantization.lsq import broadcast_scale, signed_range, unsigned_range
@@ -162,6 +163,11 @@ class _QDQMixin:
         self.register_buffer("input_scale", step_size(aq.scale).reshape(()))
         self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().clone())
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dequantized weight, for model code that reads a layer's weight (ViT: its dtype)."""
+        return torch.ops.hf_lts.dequantize(self.levels, self.weight_scale, self.weight_width)
+
     def _quantized(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = torch.ops.hf_lts.quantize_dequantize(
             x.float(), self.input_scale, *self.input_range, self.input_width
@@ -171,6 +177,9 @@ class _QDQMixin:
 
 class _QDQConv2d(_QDQMixin, nn.Conv2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pad = self._modules.get("input_pad")  # as the QuantConv2d's (`hf_lts.quantization.padding`)
+        if pad is not None:
+            x = pad(x)
         return self._conv_forward(*self._quantized(x), self.bias)
 
 
@@ -190,6 +199,7 @@ def _qdq_layer(name: str, layer: QuantLayerMixin, opset: int, weight_type: str) 
             layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding,
             layer.dilation, layer.groups, bias=False, padding_mode=layer.padding_mode, device="meta",
         )  # fmt: skip
+        module.register_module("input_pad", layer._modules.get("input_pad"))
     else:
         module = _QDQLinear(layer.in_features, layer.out_features, bias=False, device="meta")
     module._take_over(layer, opset, weight_type)
@@ -218,10 +228,15 @@ def _inference_copy(
     try:  # swap in, copy, swap back: the copy never holds the training state
         for name, qdq in replacements.items():
             _set_submodule(model, name, qdq)
-        return copy.deepcopy(model).eval()
+        inference = copy.deepcopy(model).eval()
     finally:
         for name, layer in layers.items():
             _set_submodule(model, name, layer)
+    # torch.export mis-decomposes the reshape after SDPA's transposed output (Swin): eager attention
+    # computes the same in plain matmuls and softmax.
+    if isinstance(inference, PreTrainedModel):
+        inference.set_attn_implementation("eager")
+    return inference
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:

@@ -31,6 +31,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -127,9 +128,9 @@ def checked_layers(model: nn.Module) -> dict[str, QuantLayerMixin]:
 
 
 def _stats_summary(model: nn.Module) -> dict[str, Any]:
-    from ..scratcher import LotteryTicketScratcher  # the scratcher imports the layers, not this module
+    from ..scratcher import layer_stats  # the scratcher imports the layers, not this module
 
-    stats = LotteryTicketScratcher(model, compile=False).stats()
+    stats = layer_stats(quantized_layers(model))
     stats.pop("total_steps", None)  # a setting of the scratcher, not a property of the model
     return stats
 
@@ -218,6 +219,11 @@ class Header:
                 raise LTSCheckpointError(
                     f"{os.path.basename(file)} is not a readable safetensors file (truncated or corrupt?): {e}"
                 ) from e
+
+    def rename(self, loaded_key: Callable[[str], str]) -> None:
+        """Name every tensor as loading will (``loaded_key`` of its key in the file), so that the checks below
+        compare what ``from_pretrained`` hands the model."""
+        self.tensors = {loaded_key(k): v for k, v in self.tensors.items()}
 
     def check(self, key: str, shape: tuple[int, ...], dtype: torch.dtype | None, why: str) -> None:
         if key not in self.tensors:

@@ -26,8 +26,10 @@ Placeholders = dict[str, tuple[str, int]]
 class _Placeholder(nn.Module):
     """Stands in for a quantized layer while transformers loads the checkpoint into the skeleton.
 
-    It holds meta buffers with exactly the keys, shapes and dtypes the file was checked to have, which the
-    loader fills; the float layer it replaces is kept, unregistered, to rebuild the real layer from.
+    It holds meta tensors with exactly the keys, shapes and dtypes the file was checked to have, which the
+    loader fills; the float layer it replaces is kept, unregistered, to rebuild the real layer from. The float32
+    tensors are (frozen) parameters, so that model code that reads a layer's parameter dtype while loading
+    still finds one (Swin V2's position-bias MLP).
     """
 
     def __init__(self, original: nn.Module, specs: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> None:
@@ -40,7 +42,11 @@ class _Placeholder(nn.Module):
                 if part not in owner._modules:
                     owner.add_module(part, nn.Module())
                 owner = owner._modules[part]
-            owner.register_buffer(leaf, torch.empty(shape, dtype=dtype, device="meta"))
+            tensor = torch.empty(shape, dtype=dtype, device="meta")
+            if dtype == torch.float32:
+                owner.register_parameter(leaf, nn.Parameter(tensor, requires_grad=False))
+            else:
+                owner.register_buffer(leaf, tensor)
 
 
 def replace_with_placeholders(

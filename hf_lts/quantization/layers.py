@@ -32,12 +32,14 @@ Python function `_QuantizedOp`, which computes the same bits:
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn import functional as F
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
+from . import backend as backends
 from . import native, state
 from .lsq import (
     ActivationFakeQuantizer,
@@ -46,21 +48,24 @@ from .lsq import (
     input_backward,
     input_step_terms,
     layer_forward,
+    layer_levels,
     lsq_backward,
     lsq_backward_rows,
     lsq_forward,
     quantize_levels,
+    rescale,
 )
+from .padding import conv_padding
 
 
 def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def _native_layer_ops(x: torch.Tensor, weight: torch.Tensor, fused: bool) -> object | None:
-    """``torch.ops.hf_lts`` where a layer's forward and backward can run as the native ``quant_layer`` (float32
-    on a CPU, outside autocast, tracing and dispatch modes), else ``None`` (`_QuantizedOp`)."""
-    if not fused or x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32:
+def _native_layer_ops(x: torch.Tensor, weight: torch.Tensor, backend: str) -> object | None:
+    """``torch.ops.hf_lts`` where a layer's forward and backward can run as the native ``quant_layer`` (the
+    native backend, float32, outside autocast, tracing and dispatch modes), else ``None`` (`_QuantizedOp`)."""
+    if backend != "native" or x.dtype != torch.float32 or weight.dtype != torch.float32:
         return None
     if torch.is_autocast_enabled("cpu") or _get_current_dispatch_mode() is not None:
         return None
@@ -82,78 +87,90 @@ class _QuantizedOp(torch.autograd.Function):
     Fused kernels: the forward quantizes input and weight in one; the backward has one for the input
     (which also recomputes the quantized input the weight gradient needs), one that recomputes the
     quantized weight, and one for the weight, each gradient kernel reducing its step's gradient in the
-    same pass.
+    same pass. Under autocast the convolution / matmul runs on the integer levels times a power of two
+    (exact in bfloat16 and float16) and its output is rescaled by the rest of the steps in float32: the
+    levels are those of the float32 model and of its export, only the products are rounded.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, input_scale, weight_scale, layer):
+    def forward(ctx, x, weight, bias, input_scale, weight_scale, layer, backend):
         aq, wq = layer.input_quantizer, layer.weight_quantizer
-        packed, compiled = layer._packed(), aq.fused and wq.fused
-        held = layer._held_weight()
-        if held is None:
-            x_hat, w_hat = layer_forward(
-                x.float(), (input_scale, aq.qmin, aq.qmax), weight.float(), (weight_scale, wq.qmin, wq.qmax),
-                packed, compiled,
-            )  # fmt: skip
-        else:
-            x_hat, w_hat = lsq_forward(x.float(), input_scale, aq.qmin, aq.qmax, compiled=compiled), held
+        # The native kernels skip the frozen test while nothing is frozen; the others always read the state,
+        # so that no decision depends on a count the host may not have yet.
+        packed = layer._packed() if backend == "native" else layer.lts_state
+        held = layer._held_weight(backend)
         dtype = _compute_dtype(x.device)
-        if dtype == torch.float32:
-            out = layer._op(x_hat, w_hat, bias)
-        else:  # what autocast would do, explicitly, so that the backward can do the same
+        xk = x.float() if backend == "native" else x  # (the other kernels read any float dtype)
+        x_range, w_range = (input_scale, aq.qmin, aq.qmax), (weight_scale, wq.qmin, wq.qmax)
+        if dtype != torch.float32:
             with torch.autocast(x.device.type, enabled=False):
-                out = layer._op(x_hat.to(dtype), w_hat.to(dtype), None if bias is None else bias.to(dtype))
-        # Both quantized tensors are recomputed in the backward (kept, each would cost memory between the
-        # passes: the input activation-sized, the weight a second copy of every layer's weight), except a fully
-        # frozen layer's weight, which the layer keeps anyway.
-        ctx.save_for_backward(x, weight, input_scale, weight_scale, packed, held)
-        ctx.layer, ctx.dtype, ctx.active, ctx.compiled = layer, dtype, layer._active_channels, compiled
+                x_c, w_c, rx, rw, w_hat = layer_levels(xk, x_range, weight, w_range, packed, dtype, backend)
+                out = layer._op(x_c, w_c, None)
+                bias_c = None if bias is None else layer._channel_view(bias)
+                out = rescale(out, layer._channel_view(rx * rw), bias_c, backend)
+        else:
+            if held is None:
+                x_hat, w_hat = layer_forward(xk, x_range, weight.float(), w_range, packed, backend)
+            else:
+                x_hat, w_hat = lsq_forward(xk, input_scale, aq.qmin, aq.qmax, backend=backend), held
+            out = layer._op(x_hat, w_hat, bias)
+        # The quantized input is recomputed in the backward (kept, it would cost activation-sized memory
+        # between the passes). So is the quantized weight on a CPU (a second copy of every layer's weight),
+        # except a fully frozen layer's, which the layer keeps anyway; off the CPU it is kept: a kernel call
+        # costs more host time than its memory is worth there.
+        if backend == "native":
+            w_hat = held
+        ctx.save_for_backward(x, weight, input_scale, weight_scale, packed, w_hat)
+        ctx.layer, ctx.dtype, ctx.active, ctx.backend = layer, dtype, layer._active_channels, backend
         ctx.grad_factor = aq.grad_factor(x)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         x, weight, input_scale, weight_scale, packed, w_hat = ctx.saved_tensors
-        layer, dtype, active, compiled = ctx.layer, ctx.dtype, ctx.active, ctx.compiled
+        layer, dtype, active, backend = ctx.layer, ctx.dtype, ctx.active, ctx.backend
         aq, wq = layer.input_quantizer, layer.weight_quantizer
         if w_hat is None:
-            w_hat = lsq_forward(weight.float(), weight_scale, wq.qmin, wq.qmax, packed, compiled=compiled)
+            w_hat = lsq_forward(weight.float(), weight_scale, wq.qmin, wq.qmax, packed, backend, weight=True)
         need_x, need_input_scale = ctx.needs_input_grad[0], ctx.needs_input_grad[3]
         need_weight = (ctx.needs_input_grad[1] or ctx.needs_input_grad[4]) and (
             active is None or active.numel() > 0
         )
-        grad_out, w_c, xf = grad_out.to(dtype), w_hat.to(dtype), x.float()
+        grad_out, w_c = grad_out.to(dtype), w_hat.to(dtype)
+        xf = x.float() if backend == "native" else x
         grad_x = grad_input_scale = grad_weight = grad_weight_scale = grad_bias = None
         if need_x:  # the input gradient takes the place of ∂L/∂x̂ (no second activation-sized buffer)
-            grad_x_hat = layer._grad_input(grad_out, x if x.dtype == dtype else x.shape, w_c).float()
-            grad_x, step_sum, x_hat = input_backward(xf, input_scale, aq.qmin, aq.qmax, grad_x_hat, compiled)
+            grad_x_hat = layer._grad_input(grad_out, x if x.dtype == dtype else x.shape, w_c)
+            if backend == "native":
+                grad_x_hat = grad_x_hat.float()
+            grad_x, step_sum, x_hat = input_backward(xf, input_scale, aq.qmin, aq.qmax, grad_x_hat, backend)
             grad_x = grad_x.to(x.dtype)
             del grad_x_hat  # replaced by grad_x (or, were it not contiguous, copied into it): free it now
             if need_input_scale:
                 grad_input_scale = step_sum * ctx.grad_factor
         elif need_input_scale:
             # the pixels need no gradient: Σ ∂L/∂x̂ ⊙ dq = Σ ∂L/∂y ⊙ op(dq, ŵ), a forward op
-            dq, x_hat = input_step_terms(xf, input_scale, aq.qmin, aq.qmax, compiled)
+            dq, x_hat = input_step_terms(xf, input_scale, aq.qmin, aq.qmax, backend)
             y = layer._op(dq.to(dtype), w_c, None)
             grad_input_scale = torch.dot(grad_out.float().reshape(-1), y.float().reshape(-1)).reshape(1)
             grad_input_scale = grad_input_scale * ctx.grad_factor
             del dq, y
         else:
-            x_hat = lsq_forward(xf, input_scale, aq.qmin, aq.qmax, compiled=compiled)
+            x_hat = lsq_forward(xf, input_scale, aq.qmin, aq.qmax, backend=backend)
         x_c = x_hat.to(dtype)
         if need_weight:  # for the channels with a trainable weight (all, or ``active``) only
             grad_w_hat = layer._grad_weight(grad_out, x_c, w_c, active).float()
             wf, args = weight.float(), (weight_scale, wq.qmin, wq.qmax, wq.grad_factor, grad_w_hat, packed)
             if active is None:
-                grad_weight, grad_weight_scale = lsq_backward(wf, *args, compiled)
+                grad_weight, grad_weight_scale = lsq_backward(wf, *args, backend, weight=True)
             else:
-                grad_weight, grad_weight_scale = lsq_backward_rows(wf, *args, active, compiled)
+                grad_weight, grad_weight_scale = lsq_backward_rows(wf, *args, active, backend)
             grad_weight = grad_weight.to(weight.dtype)
         elif _distributed():  # DDP expects a gradient for every parameter on every step: an exact zero
             grad_weight, grad_weight_scale = torch.zeros_like(weight), torch.zeros_like(weight_scale)
         if ctx.needs_input_grad[2]:
             grad_bias = layer._grad_bias(grad_out, x_c, w_c).to(layer.bias.dtype)
-        return grad_x, grad_weight, grad_bias, grad_input_scale, grad_weight_scale, None
+        return grad_x, grad_weight, grad_bias, grad_input_scale, grad_weight_scale, None, None
 
 
 class QuantLayerMixin:
@@ -170,7 +187,25 @@ class QuantLayerMixin:
         self.register_buffer("lts_frozen_steps", torch.zeros((), dtype=torch.float64, device=device))
         self.register_buffer("lts_skipped_steps", torch.zeros((), dtype=torch.float64, device=device))
         self.register_buffer("lts_macs", torch.zeros((), dtype=torch.int64, device=device))
+        # The step of a fully frozen weight, restored after every optimizer step (under DDP it gets zero
+        # gradients, which momentum would turn into updates); derived, so not saved.
+        self.register_buffer("lts_held_scale", self.weight_quantizer.scale.detach().clone(), persistent=False)
         self._refresh_cache()
+
+    def _apply(self, fn, recurse: bool = True):
+        """`nn.Module._apply`, and what the layer keeps beside its buffers follows (``.to(device)`` after
+        freezing or loading elsewhere). The latent weight and the LTS state stay in the default layout
+        (``model.to(memory_format=torch.channels_last)`` would convert them): neither reaches the convolution,
+        its quantized copy does, and the kernels pair them element by element."""
+        super()._apply(fn, recurse)
+        if not self.lts_state.is_contiguous():
+            self.lts_state = self.lts_state.contiguous()
+        if not self.weight.is_contiguous():
+            self.weight.data = self.weight.data.contiguous()
+        if self._active_channels is not None:
+            self._active_channels = self._active_channels.to(self.weight.device)
+        self._held = None
+        return self
 
     def _initial_state(self) -> torch.Tensor:
         """`state.initial_state` at the weight's current levels, computed one block of output channels at a
@@ -204,7 +239,16 @@ class QuantLayerMixin:
         self._held: tuple[tuple[int, ...], torch.Tensor] | None = None
         self._macs_known = bool(self.lts_macs > 0)
         self._stragglers = False  # whether the last native backward computed the stragglers' gradients only
-        self._refresh_active_channels()
+        self._refresh_channels()
+
+    def _refresh_channels(self) -> None:
+        """The active channels from the state, as the backend's scratcher sets them (so that a resumed run
+        skips what the uninterrupted one does)."""
+        if backends.select(self.weight.device, self.weight.dtype) == "native":
+            self._refresh_active_channels()
+        else:
+            per_channel = state.frozen(self.lts_state).view(self.weight.shape[0], -1).sum(1)
+            self._set_frozen_counts(per_channel.cpu().numpy())
 
     #: Skip frozen channels' weight gradients only from this share of them on: slicing the output
     #: gradient (and, for depthwise convolutions, the input) costs a copy, which a few skipped channels
@@ -230,6 +274,30 @@ class QuantLayerMixin:
         partial = active.numel() > 0  # (none left: the whole layer's weight gradient is skipped)
         keep_all = skipped < self.min_skipped_share or not self._skips_channels
         self._active_channels = None if partial and keep_all else active
+
+    def _set_frozen_counts(self, per_channel: np.ndarray) -> None:
+        """`_refresh_active_channels` from frozen weights per channel as the host has them (the compiled and
+        eager scratcher read them back one step late, without waiting for the device: freezing is monotone,
+        so a late active set only computes gradients that are exact zeros). The active channels are padded
+        to a multiple of 8 with frozen ones: tensor-core friendly shapes, and no count of 1, for which the
+        compiled kernels would specialise."""
+        self._num_frozen = int(per_channel.sum())
+        trainable = per_channel < self.weight[0].numel()
+        active = np.flatnonzero(trainable)
+        channels = self.weight.shape[0]
+        if self._num_frozen == 0 or not self._skips_channels and active.size:
+            self._active_channels = None
+            return
+        if active.size % 8:
+            pad = np.flatnonzero(~trainable)[: 8 - active.size % 8]
+            active = np.sort(np.concatenate([active, pad]))
+        if active.size and 1 - active.size / channels < self.min_skipped_share:
+            self._active_channels = None
+            return
+        active = torch.from_numpy(active)
+        if self.weight.device.type == "cuda":  # a copy from pageable memory would wait for the device
+            active = active.pin_memory()
+        self._active_channels = active.to(self.weight.device, non_blocking=True)
 
     #: Whether the backward skips the weight gradient of single frozen output channels (else only of a
     #: fully frozen layer).
@@ -279,6 +347,9 @@ class QuantLayerMixin:
         if key not in state_dict:  # a checkpoint from before the realised-saving counter
             state_dict[key] = torch.zeros((), dtype=torch.float64)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, *args)
+        scale = state_dict.get(prefix + "weight_quantizer.scale")  # (the child loads it after this hook)
+        if scale is not None and scale.shape == self.lts_held_scale.shape:
+            self.lts_held_scale.copy_(scale)
         self._refresh_cache()
 
     @property
@@ -303,7 +374,7 @@ class QuantLayerMixin:
         mask = mask.to(device=self.weight.device, dtype=torch.bool).expand_as(self.weight)
         levels, _ = self.weight_quantizer.levels(self.weight)
         self._freeze_at(mask & ~self.frozen_mask, levels)
-        self._refresh_active_channels()
+        self._refresh_channels()
 
     @torch.no_grad()
     def _freeze_at(self, new: torch.Tensor, levels: torch.Tensor, rows: torch.Tensor | None = None) -> None:
@@ -327,21 +398,30 @@ class QuantLayerMixin:
         else:
             self.lts_state.index_copy_(0, rows, frozen_state)
             self.weight.index_copy_(0, rows, frozen_weight)
-        self._num_frozen += int(new.sum())
+        self._note_frozen(int(new.sum()))
+
+    def _note_frozen(self, count: int) -> None:
+        """``count`` more weights froze; once all have, the step is held from now on (`_restore_frozen`)."""
+        self._num_frozen += count
+        if count and self._num_frozen == self.weight.numel():
+            self.lts_held_scale.copy_(self.weight_quantizer.scale.detach())
 
     @torch.no_grad()
     def _restore_frozen(self) -> None:
-        """Undo whatever the optimizer did to frozen latent weights (momentum, weight decay, …)."""
+        """Undo whatever the optimizer did to frozen latent weights (momentum, weight decay, …), and to the
+        step of a fully frozen weight (DDP's zero gradients under momentum)."""
         if self._num_frozen:
             held = state.latent(self.lts_state).to(self.weight.dtype)
             self.weight.copy_(torch.where(self.frozen_mask, held, self.weight))
+        if self._num_frozen == self.weight.numel():
+            self.weight_quantizer.scale.detach().copy_(self.lts_held_scale)
 
     # -- forward -----------------------------------------------------------------------------------
     def _packed(self) -> torch.Tensor | None:
         """The LTS state where some weight is frozen (``None`` saves the kernel the frozen test)."""
         return self.lts_state if self._num_frozen else None
 
-    def _held_weight(self) -> torch.Tensor | None:
+    def _held_weight(self, backend: str = "native") -> torch.Tensor | None:
         """``q · s`` of a fully frozen layer, or ``None`` while some weight trains. Nothing in it can move
         until its state or step size is written (no gradient reaches either), so it is made once and kept
         for as long as their versions stand: the forward skips a weight-sized pass per step."""
@@ -354,7 +434,7 @@ class QuantLayerMixin:
         if self._held is None or self._held[0] != key:
             wq = self.weight_quantizer
             w_hat = lsq_forward(
-                self.weight.detach().float(), scale.detach(), wq.qmin, wq.qmax, self.lts_state
+                self.weight.detach().float(), scale.detach(), wq.qmin, wq.qmax, self.lts_state, backend, True
             )
             self._held = (key, w_hat)
         return self._held[1]
@@ -366,7 +446,8 @@ class QuantLayerMixin:
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.input_quantizer.initialize_from(x)
         aq, wq = self.input_quantizer, self.weight_quantizer
-        ops = _native_layer_ops(x, self.weight, aq.fused and wq.fused)
+        backend = backends.select(x.device, self.weight.dtype)
+        ops = _native_layer_ops(x, self.weight, backend)
         if ops is not None:  # the same computation as `_QuantizedOp`, as one C++ autograd node
             out = ops.quant_layer(
                 x, self.weight, aq.scale, wq.scale, self.bias, self._packed(), self._held_weight(),
@@ -376,7 +457,9 @@ class QuantLayerMixin:
         else:
             if self._stragglers:
                 self._stragglers = False
-            out = _QuantizedOp.apply(x, self.weight, self.bias, aq.scale, wq.scale, self)
+            out = _QuantizedOp.apply(x, self.weight, self.bias, aq.scale, wq.scale, self, backend)
+        if out._is_view():  # a linear layer's output of a >2-D input: model code may change it in place
+            out = torch.ops.aten._unsafe_view(out, out.shape)
         if self.training and not self._macs_known:
             self.lts_macs.fill_(out[0].numel() * self.weight[0].numel())
             self._macs_known = True
@@ -392,15 +475,18 @@ class QuantConv2d(QuantLayerMixin, nn.Conv2d):
 
     @classmethod
     def _empty_like(cls, m: nn.Conv2d) -> QuantConv2d:
-        if m.padding_mode != "zeros" or isinstance(m.padding, str):
-            raise ValueError(
-                f"QuantConv2d supports zero padding given as integers; this Conv2d has padding={m.padding!r}, "
-                f"padding_mode={m.padding_mode!r}: list it in LTSConfig.modules_to_not_convert to keep it fp32."
-            )
-        return cls(
-            m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding, m.dilation, m.groups,
-            m.bias is not None, m.padding_mode, device="meta", dtype=m.weight.dtype,
+        padding, input_pad = conv_padding(m)
+        new = cls(
+            m.in_channels, m.out_channels, m.kernel_size, m.stride, padding, m.dilation, m.groups,
+            m.bias is not None, device="meta", dtype=m.weight.dtype,
         )  # fmt: skip
+        # pads the input where integer zero padding cannot express the original padding (`conv_padding`)
+        new.register_module("input_pad", input_pad)
+        return new
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pad = self._modules.get("input_pad")
+        return super().forward(x if pad is None else pad(x))
 
     @property
     def _skips_channels(self) -> bool:
@@ -413,6 +499,11 @@ class QuantConv2d(QuantLayerMixin, nn.Conv2d):
 
     def _op(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
         return F.conv2d(x, w, b, self.stride, self.padding, self.dilation, self.groups)
+
+    @staticmethod
+    def _channel_view(t: torch.Tensor) -> torch.Tensor:
+        """A per-output-channel (or single) value broadcast over the output ``[N, C, H, W]``."""
+        return t.view(1, -1, 1, 1)
 
     def _terms_per_weight(self, x: torch.Tensor) -> int:
         """Examples × output positions: the products summed in one weight's gradient."""
@@ -465,6 +556,11 @@ class QuantLinear(QuantLayerMixin, nn.Linear):
 
     def _op(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
         return F.linear(x, w, b)
+
+    @staticmethod
+    def _channel_view(t: torch.Tensor) -> torch.Tensor:
+        """A per-output-feature (or single) value broadcast over the output ``[..., C]``."""
+        return t.view(-1)
 
     def _terms_per_weight(self, x: torch.Tensor) -> int:
         return x.numel() // self.in_features

@@ -12,20 +12,20 @@ are recomputed from the input there, in the same pass that applies them: the inp
 preceding ReLU or convolution keeps it), whereas a saved mask and derivative cost 5 bytes per element. The
 step's gradient ``Σ grad ⊙ ∂(q·s)/∂s`` is reduced in that pass too, so ``∂(q·s)/∂s`` is never written.
 
-Speed: a quantized layer's forward (input and weight) is one kernel and its backward two (input, weight).
-On a CPU they are native kernels (`hf_lts.quantization.native`, about 3 µs per call where a
-`torch.compile` kernel costs 25–45 µs of Python and guard work); on other devices `torch.compile` kernels
-(dynamic shapes: a handful serves every layer, bit width and batch size). ``HF_LTS_COMPILE=0``, or a
-failed build, leaves them eager. Fused and eager give the same bits except in the step's gradient, a sum
-whose order differs (a few units in the last place).
+Speed: a quantized layer's forward (input and weight) is one kernel and its backward two (input, weight),
+run by the backend `hf_lts.quantization.backend` chose: native C++ on a CPU (about 3 µs per call, where a
+`torch.compile` kernel costs 25–45 µs of Python and guard work), `torch.compile` elsewhere (dynamic shapes:
+a handful serves every layer, bit width and batch size), or eager. They compute the same bits except in
+the steps' gradients, sums whose order differs (a few units in the last place). The compiled and eager
+kernels see tensors as ``[rows, K]`` in memory order (channels-last activations without a copy) and sum
+the steps' gradients per row first: one per-tensor sum over an activation would run on one GPU block.
 """
 
 from __future__ import annotations
 
 import functools
 import math
-import os
-import warnings
+import types
 from collections.abc import Callable
 
 import torch
@@ -33,27 +33,36 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
+from . import backend as backends
 from . import native, state
 
 #: Lower bound on a step size: keeps ``1/s`` finite if an optimizer drives ``s`` through zero.
 SCALE_EPS = 1e-8
 
+#: Inductor options that keep compiled arithmetic IEEE like the eager ops: no fused multiply-adds (Triton's
+#: fp fusion is off under ``emulate_precision_casts``; the C++ backend does not contract by default) and
+#: correctly rounded division (``1/s``).
+_COMPILE_OPTIONS = {"emulate_precision_casts": True, "eager_numerics.division_rounding": True}
 
-def compile_default() -> bool:
-    """Whether fused kernels are compiled: yes unless ``HF_LTS_COMPILE=0`` (e.g. where no C++ compiler is)."""
-    return os.environ.get("HF_LTS_COMPILE", "1").strip().lower() not in ("0", "false", "no", "off")
+
+def _compile(fn: Callable[..., object]) -> Callable[..., object]:
+    from torch._inductor import config
+
+    options = {k: v for k, v in _COMPILE_OPTIONS.items() if hasattr(config, k.split(".")[0])}
+    return torch.compile(fn, dynamic=True, fullgraph=True, options=options)
 
 
 class Kernel:
-    """A pure tensor function run as one fused kernel: native on a CPU (`hf_lts.quantization.native`, the
-    op ``native``; eager without one), `torch.compile` elsewhere (dynamic shapes), or eagerly.
+    """A pure tensor function run by the backend `hf_lts.quantization.backend` chose: the native op
+    ``native`` (CPU), a `torch.compile` kernel (dynamic shapes: one serves every layer, bit width and batch
+    size), or eagerly.
 
     Arguments at the positions in ``scalars`` are Python numbers; the compiled kernel takes them as 0-d
     tensors of the given dtype (one graph for every value; a tensor per position and value, since Dynamo
     would recompile for two arguments that are one tensor). The native op writes the arguments at the
     positions in ``mutates`` in place, and their version counters are bumped for it. Compiling is lazy
-    (the first call) and shared by every caller; if it fails the kernel warns once and stays eager, with
-    the same results.
+    (the first call) and shared by every caller; if it fails, `backend.demote` makes every later call
+    eager, with the same results.
     """
 
     def __init__(
@@ -64,38 +73,46 @@ class Kernel:
         mutates: tuple[int, ...] = (),
     ) -> None:
         self.fn, self.native, self.scalars, self.mutates = fn, native, scalars, mutates
-        self._compiled: Callable[..., object] | None | bool = None
+        self._compiled: dict[tuple[bool, ...], Callable[..., object]] = {}
         functools.update_wrapper(self, fn)
 
-    def __call__(self, *args: object, compiled: bool = True) -> object:
+    def __call__(self, *args: object, backend: str) -> object:
         # Under a dispatch mode (FlopCounterMode, fake tensors, …) a fused kernel does not run: eager, this once.
-        if not compiled or self._compiled is False or _get_current_dispatch_mode() is not None:
+        if backend == "eager" or _get_current_dispatch_mode() is not None:
             return self.fn(*args)
-        device = args[0].device
-        if device.type == "cpu":
-            ops = native.ops() if self.native is not None else None
-            if ops is None:
-                return self.fn(*args)
-            out = getattr(ops, self.native)(*args)
+        if backend == "native":
+            out = getattr(native.ops(), self.native)(*args)
             if self.mutates:
                 torch.autograd.graph.increment_version([args[i] for i in self.mutates])
             return out
-        if self._compiled is None:
-            self._compiled = torch.compile(self.fn, dynamic=True, fullgraph=True)
+        # One compiled function per variant (1-D arguments of one element or more: per-tensor or per-channel
+        # steps; arguments given or None), each a code object of its own: Dynamo would otherwise count the
+        # first use of a variant, however late in a run, as a recompile of the other.
+        variant = tuple(
+            a.numel() == 1 if isinstance(a, torch.Tensor) and a.dim() == 1 else a is None for a in args
+        )
+        compiled = self._compiled.get(variant)
+        if compiled is None:
+            compiled = self._compiled[variant] = _compile(_copy(self.fn, len(self._compiled)))
+        device = next(a.device for a in args if isinstance(a, torch.Tensor))
         tensors = [
-            _scalar(a, self.scalars[i], device, i) if i in self.scalars else a for i, a in enumerate(args)
+            _scalar(a, self.scalars[i], device, i) if i in self.scalars and a is not None else a
+            for i, a in enumerate(args)
         ]
         try:
-            return self._compiled(*tensors)
+            return compiled(*tensors)
         except Exception as err:  # a missing or broken compiler shows up at the first call
-            warnings.warn(
-                f"torch.compile of {self.fn.__name__} failed ({err!r}); running it eagerly.", stacklevel=2
-            )
-            self._compiled = False
+            backends.demote("compiled", err)
             return self.fn(*args)
 
 
-@functools.lru_cache(maxsize=1024)
+def _copy(fn: Callable[..., object], index: int) -> Callable[..., object]:
+    """``fn`` with a code object of its own (Dynamo keeps its compiled graphs per code object)."""
+    code = fn.__code__.replace(co_name=f"{fn.__name__}_{index}")
+    return types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__, fn.__closure__)
+
+
+@functools.lru_cache(maxsize=4096)
 def _scalar(value: float, dtype: torch.dtype, device: torch.device, position: int) -> torch.Tensor:
     return torch.tensor(value, dtype=dtype, device=device)
 
@@ -116,22 +133,21 @@ def broadcast_scale(scale: torch.Tensor, ndim: int) -> torch.Tensor:
 
 
 def _levels(x, scale, qmin, qmax, packed):
-    """``(v, round(v), q, frozen)`` of ``C·K`` flat values with ``C`` steps, frozen values at their level."""
-    channels = scale.shape[0]
-    x = x.view(channels, -1)
-    v = x * torch.reciprocal(torch.clamp(scale, min=SCALE_EPS).view(channels, 1))
+    """``(v, round(v), q, frozen)`` of ``x`` (``[R, K]``) with ``C`` steps, one per row or one for all
+    (``C`` is ``R`` or 1), frozen values at their level."""
+    v = x * torch.reciprocal(torch.clamp(scale, min=SCALE_EPS).view(-1, 1))
     rounded = torch.round(v)
     q = torch.clamp(rounded, qmin, qmax)
     frozen = None
     if packed is not None:
-        packed = packed.view(channels, -1)
+        packed = packed.view(x.shape)
         frozen = (packed & state.FROZEN_BIT) != 0
         q = torch.where(frozen, (packed >> state.LEVEL_SHIFT).to(q.dtype), q)
     return v, rounded, q, frozen
 
 
 def _dequantize(q, scale):
-    return (q * torch.clamp(scale, min=SCALE_EPS).view(-1, 1)).view(-1)
+    return q * torch.clamp(scale, min=SCALE_EPS).view(-1, 1)
 
 
 def _step_terms(x, scale, qmin, qmax, packed=None):
@@ -156,15 +172,32 @@ def _fake_quant_math(x, scale, qmin, qmax, packed=None):
 
 def _grad_math(x, scale, qmin, qmax, grad, packed=None):
     """Backward of one tensor from its output gradient ``grad``: the input gradient and, reduced in the same
-    pass, ``Σ grad ⊙ ∂(q·s)/∂s`` per step (nothing activation-sized is written but the input gradient)."""
+    pass, ``Σ grad ⊙ ∂(q·s)/∂s`` per row (nothing activation-sized is written but the input gradient). Rows,
+    not steps: a per-tensor step's sum over a whole activation would be one GPU thread block's work."""
     _, inside, dq = _step_terms(x, scale, qmin, qmax, packed)
-    grad = grad.view(dq.shape)
-    return (grad * inside).view(-1), (grad * dq).sum(1)
+    return grad * inside, (grad * dq).sum(1)
 
 
 def _layer_forward_math(x, x_scale, x_min, x_max, w, w_scale, w_min, w_max, packed=None):
     """A layer's forward in one kernel: its quantized input and its quantized weight."""
     return _fake_quant_math(x, x_scale, x_min, x_max), _fake_quant_math(w, w_scale, w_min, w_max, packed)
+
+
+def _power_of_two(scale):
+    """Each step as ``2^e · r`` with ``r ∈ [1, 2)``, both exactly (bit fields of the float)."""
+    bits = torch.clamp(scale, min=SCALE_EPS).view(torch.int32)
+    return (bits & 0x7F800000).view(torch.float32), ((bits & 0x007FFFFF) | 0x3F800000).view(torch.float32)
+
+
+def _layer_levels_math(x, x_scale, x_min, x_max, w, w_scale, w_min, w_max, packed, dtype):
+    """A layer's forward for a low-precision convolution / matmul: input and weight levels times a power of
+    two (``q · 2^e``: exact in bfloat16 and float16 for 8-bit levels), in ``dtype``, and the rest of each
+    step (``r``, float32) by which the caller rescales the output; and the quantized weight (the backward's)."""
+    _, _, qx, _ = _levels(x, x_scale, x_min, x_max, None)
+    _, _, qw, _ = _levels(w, w_scale, w_min, w_max, packed)
+    px, rx = _power_of_two(x_scale)
+    pw, rw = _power_of_two(w_scale)
+    return (qx * px.view(-1, 1)).to(dtype), (qw * pw.view(-1, 1)).to(dtype), rx, rw, _dequantize(qw, w_scale)
 
 
 def _grad_rows_math(x, scale, qmin, qmax, grad, packed, rows):
@@ -180,16 +213,24 @@ def _input_grad_math(x, scale, qmin, qmax, grad):
     no fresh activation-sized allocation, whose page faults cost more than the pass on a CPU), with the
     quantized input again (the weight gradient needs it)."""
     q, inside, dq = _step_terms(x, scale, qmin, qmax)
-    grad2d = grad.view(dq.shape)
-    grad_scale = (grad2d * dq).sum(1)
-    grad.copy_((grad2d * inside).view(-1))
+    grad_scale = (grad * dq).sum(1)
+    grad.copy_(grad * inside)
     return grad_scale, _dequantize(q, scale)
 
 
 def _input_step_terms_math(x, scale, qmin, qmax):
     """``(∂(q·s)/∂s, q·s)`` of an input that needs no gradient (the first layer's pixels)."""
     q, _, dq = _step_terms(x, scale, qmin, qmax)
-    return dq.view(-1), _dequantize(q, scale)
+    return dq, _dequantize(q, scale)
+
+
+def _rescale_math(out, factor, bias):
+    """``out · factor (+ bias)`` in float32, rounded once to ``out``'s dtype (a low-precision layer's
+    output: the levels' product times the rest of the two steps)."""
+    y = out.float() * factor
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(out.dtype)
 
 
 # The cases with frozen values (one more input) as functions of their own: Dynamo caches compiled graphs
@@ -219,28 +260,79 @@ _KERNELS = {
         ("grad_frozen", _grad_frozen_math, "grad", _BOUNDS),
         ("layer_forward", _layer_forward_math, "layer_forward", _LAYER_BOUNDS),
         ("layer_forward_frozen", _layer_forward_frozen_math, "layer_forward", _LAYER_BOUNDS),
+        ("layer_levels", _layer_levels_math, None, _LAYER_BOUNDS),
         ("grad_rows", _grad_rows_math, "grad_rows", _BOUNDS),
         ("input_grad", _input_grad_math, "input_grad", _BOUNDS, (4,)),
         ("input_step_terms", _input_step_terms_math, "input_step_terms", _BOUNDS),
+        ("rescale", _rescale_math, None, {}),
     )
 }
 
 
 def _flat(t: torch.Tensor) -> torch.Tensor:
-    """A 1-D, contiguous, non-view tensor without autograd history: the one layout the kernels see, so
-    that Dynamo compiles each of them once rather than per rank, view and ``requires_grad``."""
+    """A 1-D, contiguous, non-view tensor without autograd history: the one layout the native kernels see."""
     return t.reshape(-1).detach()
 
 
-def _quantized(x: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int) -> list[torch.Tensor | int]:
-    """A kernel's arguments for one quantized tensor."""
-    return [_flat(x), _flat(scale).float(), qmin, qmax]
+def channels_last(t: torch.Tensor) -> bool:
+    """Whether ``t`` is a 4-D tensor laid out channels-last (and not also contiguous)."""
+    return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
 
 
-def _run(name: str, args: list[torch.Tensor], packed: torch.Tensor | None, compiled: bool):
+def _rows(t: torch.Tensor, weight: bool) -> torch.Tensor:
+    """``t`` without autograd history as ``[R, K]`` in its memory order (a view for the usual layouts): one
+    row per output channel of a weight; for an activation, rows of its innermost dimensions, as many as make
+    a row longer than 1 (a 1×1 feature map's rows are its channels: a size of 1 would make the compiled
+    kernels specialise, and compile again for the same layer shape)."""
+    if weight:
+        return t.reshape(t.shape[0], -1).detach()
+    if channels_last(t):
+        t = t.permute(0, 2, 3, 1)
+    k = 1
+    for size in reversed(t.shape[1:]):
+        k *= size
+        if k > 1:
+            break
+    rows = t.reshape(-1, k)
+    # detached last: a detached view has no ``_base``, whose sizes Dynamo would guard (and recompile for)
+    return rows.detach()
+
+
+def _shaped(out: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A kernel's output (flat or `_rows`) shaped, and laid out, like ``like``."""
+    if channels_last(like):
+        n, c, h, w = like.shape
+        return out.view(n, h, w, c).permute(0, 3, 1, 2)
+    return out.view(like.shape)
+
+
+def same_layout(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``t`` (shaped like ``like``) in ``like``'s memory layout, so that `_rows` pairs their elements."""
+    if channels_last(like):
+        return t.contiguous(memory_format=torch.channels_last)
+    return t.contiguous()
+
+
+def _per_step(partial: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Per-row sums (`_grad_math`) summed per step: all of them for a per-tensor step."""
+    return partial if partial.numel() == scale.numel() else partial.sum().reshape(1)
+
+
+def _quantized(
+    x: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int, backend: str, weight: bool
+) -> list[torch.Tensor | int]:
+    """A kernel's arguments for one quantized tensor: flat float32 for the native kernels, `_rows` else."""
+    x = _flat(x).float() if backend == "native" else _rows(x, weight)
+    return [x, _flat(scale).float(), qmin, qmax]
+
+
+def _run(name: str, args: list[torch.Tensor], packed: torch.Tensor | None, backend: str):
     if packed is not None:
-        name, args = f"{name}_frozen", [*args, _flat(packed)]
-    return _KERNELS[name](*args, compiled=compiled)
+        name, args = (
+            f"{name}_frozen",
+            [*args, _flat(packed) if backend == "native" else _rows(packed, True)],
+        )
+    return _KERNELS[name](*args, backend=backend)
 
 
 def lsq_forward(
@@ -249,11 +341,16 @@ def lsq_forward(
     qmin: int,
     qmax: int,
     packed: torch.Tensor | None = None,
-    compiled: bool = True,
+    backend: str | None = None,
+    weight: bool = False,
 ) -> torch.Tensor:
-    """``clamp(round(x / s), Qn, Qp) · s`` of float ``x`` (no autograd), per tensor (``scale`` of one element)
-    or per channel along dim 0; with an LTS state ``packed``, frozen elements at their held level."""
-    return _run("fake_quant", _quantized(x, scale, qmin, qmax), packed, compiled).view(x.shape)
+    """``clamp(round(x / s), Qn, Qp) · s`` of ``x`` (no autograd, float32), per tensor (``scale`` of one
+    element) or per channel along dim 0 (``weight``); with an LTS state ``packed``, frozen elements at their
+    held level. ``backend``: `hf_lts.quantization.backend`'s choice by default."""
+    backend = backend or backends.select(x.device)
+    weight = weight or scale.numel() > 1
+    out = _run("fake_quant", _quantized(x, scale, qmin, qmax, backend, weight), packed, backend)
+    return _shaped(out, x)
 
 
 def lsq_backward(
@@ -264,12 +361,16 @@ def lsq_backward(
     grad_factor: float,
     grad: torch.Tensor,
     packed: torch.Tensor | None = None,
-    compiled: bool = True,
+    backend: str | None = None,
+    weight: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The LSQ gradients of `lsq_forward`'s output gradient ``grad``: ``(grad_x, grad_scale)``."""
-    args = [*_quantized(x, scale, qmin, qmax), _flat(grad)]
-    grad_x, grad_scale = _run("grad", args, packed, compiled)
-    return grad_x.view(x.shape), grad_scale * grad_factor
+    backend = backend or backends.select(x.device)
+    weight = weight or scale.numel() > 1
+    args = _quantized(x, scale, qmin, qmax, backend, weight)
+    g = _flat(grad) if backend == "native" else _rows(same_layout(grad, x), weight)
+    grad_x, partial = _run("grad", [*args, g], packed, backend)
+    return _shaped(grad_x, x), _per_step(partial, scale) * grad_factor
 
 
 def lsq_backward_rows(
@@ -281,13 +382,14 @@ def lsq_backward_rows(
     grad_rows: torch.Tensor,
     packed: torch.Tensor,
     rows: torch.Tensor,
-    compiled: bool = True,
+    backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`lsq_backward` of a weight whose output channels other than ``rows`` are fully frozen, from the
     gradient of those rows only (``grad_rows``): the frozen rows are not read, their gradients are zero."""
-    args = [w.detach().reshape(w.shape[0], -1), _flat(scale).float(), qmin, qmax, _flat(grad_rows)]
-    grad_w, grad_scale = _KERNELS["grad_rows"](*args, _flat(packed), rows, compiled=compiled)
-    return grad_w.view(w.shape), grad_scale * grad_factor
+    args = [_rows(w, True), _flat(scale).float(), qmin, qmax, _flat(grad_rows)]
+    packed = _flat(packed) if backend == "native" else _rows(packed, True)
+    grad_w, partial = _KERNELS["grad_rows"](*args, packed, rows, backend=backend)
+    return grad_w.view(w.shape), _per_step(partial, scale) * grad_factor
 
 
 def layer_forward(
@@ -296,47 +398,77 @@ def layer_forward(
     w: torch.Tensor,
     w_range: tuple[torch.Tensor, int, int],
     packed: torch.Tensor | None,
-    compiled: bool,
+    backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`lsq_forward` of a layer's input and weight (each with its ``(scale, Qn, Qp)``) in one kernel."""
-    args = [*_quantized(x, *x_range), *_quantized(w, *w_range)]
-    x_hat, w_hat = _run("layer_forward", args, packed, compiled)
-    return x_hat.view(x.shape), w_hat.view(w.shape)
+    args = [*_quantized(x, *x_range, backend, False), *_quantized(w, *w_range, backend, True)]
+    x_hat, w_hat = _run("layer_forward", args, packed, backend)
+    return _shaped(x_hat, x), w_hat.view(w.shape)
+
+
+def layer_levels(
+    x: torch.Tensor,
+    x_range: tuple[torch.Tensor, int, int],
+    w: torch.Tensor,
+    w_range: tuple[torch.Tensor, int, int],
+    packed: torch.Tensor,
+    dtype: torch.dtype,
+    backend: str,
+) -> tuple[torch.Tensor, ...]:
+    """`_layer_levels_math` of a layer: ``(q_x · 2^e, q_w · 2^e)`` in ``dtype``, the rest of the steps, and
+    ``q_w · s_w``."""
+    backend = (
+        "eager" if backend == "native" else backend
+    )  # (no native kernel: low precision is off the CPU path)
+    args = [*_quantized(x, *x_range, backend, False), *_quantized(w, *w_range, backend, True)]
+    xq, wq, rx, rw, w_hat = _KERNELS["layer_levels"](*args, _rows(packed, True), dtype, backend=backend)
+    return _shaped(xq, x), wq.view(w.shape), rx, rw, w_hat.view(w.shape)
+
+
+def rescale(out: torch.Tensor, factor: torch.Tensor, bias: torch.Tensor | None, backend: str) -> torch.Tensor:
+    """`_rescale_math`; ``factor`` broadcasts over ``out``."""
+    backend = "eager" if backend == "native" else backend
+    return _KERNELS["rescale"](out, factor, bias, backend=backend)
 
 
 def input_backward(
-    x: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int, grad: torch.Tensor, compiled: bool
+    x: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int, grad: torch.Tensor, backend: str
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(grad_x, Σ grad ⊙ ∂(q·s)/∂s, q·s)`` of a layer's input in one pass (the step's sum without
     ``grad_factor``). ``grad_x`` takes the place of ``grad``, which must not be used afterwards."""
-    grad_x = _flat(grad)  # ``grad`` itself where contiguous, else a copy: the kernel writes into it
-    grad_scale, x_hat = _KERNELS["input_grad"](*_quantized(x, scale, qmin, qmax), grad_x, compiled=compiled)
-    return grad_x.view(x.shape), grad_scale, x_hat.view(x.shape)
+    # ``grad`` itself where its layout allows, else a copy: the kernel writes into it
+    grad_x = _flat(grad) if backend == "native" else _rows(same_layout(grad, x), False)
+    partial, x_hat = _KERNELS["input_grad"](
+        *_quantized(x, scale, qmin, qmax, backend, False), grad_x, backend=backend
+    )
+    return _shaped(grad_x, x), _per_step(partial, scale), _shaped(x_hat, x)
 
 
 def input_step_terms(
-    x: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int, compiled: bool
+    x: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int, backend: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(∂(q·s)/∂s, q·s)`` shaped like ``x``."""
-    dq, x_hat = _KERNELS["input_step_terms"](*_quantized(x, scale, qmin, qmax), compiled=compiled)
-    return dq.view(x.shape), x_hat.view(x.shape)
+    dq, x_hat = _KERNELS["input_step_terms"](
+        *_quantized(x, scale, qmin, qmax, backend, False), backend=backend
+    )
+    return _shaped(dq, x), _shaped(x_hat, x)
 
 
 class _LSQFakeQuantize(torch.autograd.Function):
     """LSQ fake quantization of one tensor with LTS-frozen values held at their level (`fake_quantize`)."""
 
     @staticmethod
-    def forward(ctx, x, scale, qmin, qmax, grad_factor, packed, compiled):
+    def forward(ctx, x, scale, qmin, qmax, grad_factor, packed, backend, weight):
         ctx.save_for_backward(x, scale, packed)
-        ctx.args = (qmin, qmax, grad_factor, compiled)
-        return lsq_forward(x, scale, qmin, qmax, packed, compiled)
+        ctx.args = (qmin, qmax, grad_factor, backend, weight)
+        return lsq_forward(x, scale, qmin, qmax, packed, backend, weight)
 
     @staticmethod
     def backward(ctx, grad):
         x, scale, packed = ctx.saved_tensors
-        qmin, qmax, grad_factor, compiled = ctx.args
-        grad_x, grad_scale = lsq_backward(x, scale, qmin, qmax, grad_factor, grad, packed, compiled)
-        return grad_x, grad_scale, None, None, None, None, None
+        qmin, qmax, grad_factor, backend, weight = ctx.args
+        grad_x, grad_scale = lsq_backward(x, scale, qmin, qmax, grad_factor, grad, packed, backend, weight)
+        return grad_x, grad_scale, None, None, None, None, None, None
 
 
 def fake_quantize(
@@ -346,12 +478,14 @@ def fake_quantize(
     qmax: int,
     grad_factor: float,
     packed: torch.Tensor | None = None,
-    fused: bool = True,
+    backend: str | None = None,
+    weight: bool = False,
 ) -> torch.Tensor:
     """``clamp(round(x / s), qmin, qmax) · s`` with LSQ gradients, per tensor (``scale`` of one element)
-    or per channel along dim 0. With an LTS state ``packed``, its frozen elements are held at their
-    frozen level with no gradient. ``fused`` runs forward and backward as compiled kernels."""
-    return _LSQFakeQuantize.apply(x.float(), scale, qmin, qmax, grad_factor, packed, fused)
+    or per channel along dim 0 (a ``weight``). With an LTS state ``packed``, its frozen elements are held at
+    their frozen level with no gradient. ``backend``: `hf_lts.quantization.backend`'s choice by default."""
+    backend = backend or backends.select(x.device)
+    return _LSQFakeQuantize.apply(x.float(), scale, qmin, qmax, grad_factor, packed, backend, weight)
 
 
 @torch.no_grad()
@@ -378,14 +512,13 @@ class WeightFakeQuantizer(nn.Module):
         self.per_channel = per_channel
         self.qmin, self.qmax = signed_range(bits)
         self.scale = nn.Parameter(lsq_init_scale(weight, self.qmax, per_channel))
-        self.fused = compile_default()  # compiled kernels instead of eager passes
         per_scale = weight[0].numel() if per_channel else weight.numel()
         self.grad_factor = 1.0 / math.sqrt(per_scale * self.qmax)
 
     def forward(self, weight: torch.Tensor, packed: torch.Tensor | None = None) -> torch.Tensor:
         """Fake-quantized ``weight``; with its LTS state ``packed``, frozen weights are held (see
         `fake_quantize`)."""
-        return fake_quantize(weight, self.scale, self.qmin, self.qmax, self.grad_factor, packed, self.fused)
+        return fake_quantize(weight, self.scale, self.qmin, self.qmax, self.grad_factor, packed, weight=True)
 
     def levels(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(q, v)`` of `quantize_levels` for this quantizer."""
@@ -407,7 +540,6 @@ class ActivationFakeQuantizer(nn.Module):
         super().__init__()
         self.bits = bits
         self.scale = nn.Parameter(torch.ones(1))
-        self.fused = compile_default()  # compiled kernels instead of eager passes
         self.register_buffer("signed", torch.zeros((), dtype=torch.bool))
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
         self._sync_flags()
@@ -437,7 +569,7 @@ class ActivationFakeQuantizer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.initialize_from(x)
-        return fake_quantize(x, self.scale, self.qmin, self.qmax, self.grad_factor(x), fused=self.fused)
+        return fake_quantize(x, self.scale, self.qmin, self.qmax, self.grad_factor(x))
 
     def initialize_from(self, x: torch.Tensor) -> None:
         """Initialise sign and step from ``x`` unless done already (the first training batch)."""

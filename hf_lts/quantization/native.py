@@ -46,6 +46,7 @@ def ops() -> object | None:
                 extra_ldflags=["-fopenmp"],
                 is_python_module=False,
             )
+            _register_fakes()
             _loaded = True
         except Exception as err:  # no compiler, no ninja, a failed build: stay eager, say so once
             warnings.warn(
@@ -55,3 +56,38 @@ def ops() -> object | None:
             )
             _loaded = False
     return torch.ops.hf_lts if _loaded else None
+
+
+def _register_fakes() -> None:
+    """Fake (meta) implementations of the ``hf_lts::`` ops: shapes and dtypes only, so that tracing,
+    FakeTensor and ``torch.compile`` of code that calls them need no special case. (``quant_layer`` is a
+    composite of these and ATen ops.)"""
+    from torch.library import register_fake
+
+    def per_step(scale):
+        return scale.new_empty(scale.shape)
+
+    register_fake("hf_lts::fake_quant")(lambda x, scale, qmin, qmax, packed=None: torch.empty_like(x))
+    register_fake("hf_lts::layer_forward")(
+        lambda x, xs, x_min, x_max, w, ws, w_min, w_max, packed=None: (
+            torch.empty_like(x),
+            torch.empty_like(w),
+        )
+    )
+    register_fake("hf_lts::grad")(
+        lambda x, scale, qmin, qmax, grad, packed=None: (torch.empty_like(x), per_step(scale))
+    )
+    register_fake("hf_lts::grad_rows")(
+        lambda x, scale, qmin, qmax, grad, packed, rows: (torch.empty_like(x), per_step(scale))
+    )
+    register_fake("hf_lts::input_grad")(
+        lambda x, scale, qmin, qmax, grad: (per_step(scale), torch.empty_like(x))
+    )
+    register_fake("hf_lts::input_step_terms")(
+        lambda x, scale, qmin, qmax: (torch.empty_like(x), torch.empty_like(x))
+    )
+
+    @register_fake("hf_lts::update_layers")
+    def _update_layers(weights, packed, scales, keys, keep, threshold, restart_observed, qmin, qmax, restore):
+        newly = packed[0].new_empty((len(packed),), dtype=torch.int64)
+        return newly, [p.new_empty((p.shape[0],), dtype=torch.int64) for p in packed]

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from fnmatch import fnmatchcase
 
+import torch
 from torch import nn
+from torch.nn import functional as F
 
 from ..config import LTSConfig
 from .layers import QuantConv2d, QuantLayerMixin, QuantLinear
+from .steps import guard_step_sizes
 
 
 def _matches(name: str, pattern: str) -> bool:
@@ -42,6 +45,38 @@ def layer_bits(model: nn.Module, config: LTSConfig) -> dict[str, tuple[int, int]
     return bits
 
 
+def _weight_standardized(module: nn.Module) -> bool:
+    """Whether ``module`` is transformers' weight-standardized convolution (BiT)."""
+    from transformers.models.bit.modeling_bit import WeightStandardizedConv2d
+
+    return isinstance(module, WeightStandardizedConv2d)
+
+
+def _check_convertible(name: str, module: nn.Module) -> None:
+    """A Conv2d/Linear subclass that computes something else in its own forward cannot be swapped for a
+    plain quantized layer without changing the model (BiT's weight standardization is handled)."""
+    base = nn.Conv2d if isinstance(module, nn.Conv2d) else nn.Linear
+    methods = ("forward", "_conv_forward") if base is nn.Conv2d else ("forward",)
+    custom = [m for m in methods if getattr(type(module), m) is not getattr(base, m)]
+    if custom and not _weight_standardized(module):
+        raise ValueError(
+            f"Layer {name!r} is a {type(module).__qualname__}, an nn.{base.__name__} with its own {custom[0]}(), "
+            f"which LTS cannot replace by a quantized nn.{base.__name__} without changing what it computes: list "
+            f"{name!r} in LTSConfig.modules_to_not_convert to keep it in fp32."
+        )
+
+
+@torch.no_grad()
+def _fold_weight_standardization(conv: nn.Conv2d) -> nn.Module | None:
+    """BiT's convolutions use their weight standardized per output channel (and pad TF-"SAME" inputs by
+    their size): fold the standardization into the weight, in place, so that the function is unchanged and
+    QAT quantizes and trains the weight the convolution uses. Returns the input pad, if any."""
+    flat = conv.weight.reshape(1, conv.out_channels, -1)
+    standardized = F.batch_norm(flat, None, None, training=True, momentum=0.0, eps=conv.eps)
+    conv.weight.copy_(standardized.reshape_as(conv.weight))
+    return conv.pad
+
+
 def quantized_layers(model: nn.Module) -> dict[str, QuantLayerMixin]:
     """The model's `QuantConv2d` / `QuantLinear` layers by name."""
     return {n: m for n, m in model.named_modules() if isinstance(m, QuantLayerMixin)}
@@ -52,7 +87,9 @@ def prepare_model(model: nn.Module, config: LTSConfig) -> nn.Module:
 
     The layers take over the original parameters (an optimizer built afterwards sees the same tensors),
     get LSQ step sizes initialised from the weights, and start their LTS state at the current levels.
-    Preparing an already prepared model with the same config returns it unchanged. The config is kept
+    Any padding a Conv2d takes is kept (`hf_lts.quantization.padding`), BiT's weight standardization is
+    folded into the weights, and a Conv2d/Linear subclass with its own forward is refused, naming the layer,
+    before anything is changed. Preparing an already prepared model with the same config returns it unchanged. The config is kept
     as ``model.lts_config`` and, for transformers models, as ``model.config.quantization_config``, with the
     LTS quantizer as ``model.hf_quantizer`` so that ``save_pretrained`` writes the packed export.
     """
@@ -77,14 +114,23 @@ def prepare_model(model: nn.Module, config: LTSConfig) -> nn.Module:
             f"No layer of {type(model).__name__} would be quantized with {config}: every conv/linear layer is "
             "excluded by modules_to_not_convert or kept in fp32 by first_layer_bits/last_layer_bits."
         )
-    for name, bits in plan.items():
-        if bits is None:
-            continue
+    from ..integrations.keys import check_no_converted_tensors  # here: the integrations build on this module
+
+    converted = [name for name, bits in plan.items() if bits is not None]
+    check_no_converted_tensors(model, converted)
+    for name in converted:
+        _check_convertible(name, model.get_submodule(name))
+    for name in converted:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
         module = getattr(parent, child)
+        input_pad = _fold_weight_standardization(module) if _weight_standardized(module) else None
         layer_cls = QuantConv2d if isinstance(module, nn.Conv2d) else QuantLinear
-        setattr(parent, child, layer_cls.from_float(module, *bits, per_channel=config.per_channel))
+        layer = layer_cls.from_float(module, *plan[name], per_channel=config.per_channel)
+        if input_pad is not None:
+            layer.input_pad = input_pad
+        setattr(parent, child, layer)
+        guard_step_sizes([layer.weight_quantizer.scale, layer.input_quantizer.scale])
     model.lts_config = config
     if getattr(model, "config", None) is not None and hasattr(model.config, "to_dict"):
         model.config.quantization_config = config

@@ -8,6 +8,7 @@ layers.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from collections.abc import Iterator
@@ -21,6 +22,7 @@ from transformers.quantizers.base import HfQuantizer
 
 from ..config import LTSConfig
 from ..export.packed import PACKED_FORMAT, Header, LTSCheckpointError, export_state_dict
+from ..integrations.keys import converted_key_test, loaded_key_renamer
 from ..integrations.lts import replace_with_placeholders, restore_quantized_layers
 from ..quantization.prepare import layer_bits, prepare_model
 
@@ -30,17 +32,26 @@ logger = logging.getLogger(__name__)
 @contextmanager
 def training_state(model: nn.Module) -> Iterator[None]:
     """Within this block ``model.save_pretrained`` writes the full training state — latent fp32 weights and
-    every LTS buffer, i.e. ``model.state_dict()`` — instead of the packed export: for training checkpoints,
-    which must resume exactly. (``from_pretrained`` loads those too, state included.)"""
+    every LTS buffer, i.e. ``model.state_dict()`` under its own keys — instead of the packed export: for
+    training checkpoints, which must resume exactly. (``from_pretrained`` loads those too, state included.)"""
     quantizer = getattr(model, "hf_quantizer", None)
     if not isinstance(quantizer, LTSHfQuantizer):
         yield
         return
     previous, quantizer.full_state = quantizer.full_state, True
+    # Under the model's own names: the Trainer resumes a checkpoint with ``load_state_dict``, whereas
+    # transformers would write some models' tensors under their original names (ViT's attention.q_proj as
+    # attention.attention.query), which that load silently skips.
+    own = model.__dict__.get("save_pretrained")
+    model.save_pretrained = functools.partial(type(model).save_pretrained, model, save_original_format=False)
     try:
         yield
     finally:
         quantizer.full_state = previous
+        if own is None:
+            del model.save_pretrained
+        else:
+            model.save_pretrained = own
 
 
 def attach_quantizer(model: nn.Module) -> None:
@@ -105,6 +116,7 @@ class LTSHfQuantizer(HfQuantizer):
         if not checkpoint_files:
             raise LTSCheckpointError("LTS checkpoints load from safetensors files (no state_dict argument).")
         header = Header(checkpoint_files)
+        header.rename(loaded_key_renamer(model, self))
         packed = header.metadata.get("lts_format")
         if packed not in (None, PACKED_FORMAT):
             raise LTSCheckpointError(f"Unknown LTS checkpoint format {packed!r}: upgrade hf-lts to load it.")
@@ -114,8 +126,10 @@ class LTSHfQuantizer(HfQuantizer):
             self._check_recorded_bits(header, plan)
         self._placeholders = replace_with_placeholders(model, config, header, bool(packed))
         # The other tensors: transformers would only warn about a missing one, and initialise it at random.
+        # (Not those transformers saves fused with others: the file holds them under the fused key.)
+        converted = converted_key_test(model)
         for key, tensor in model.state_dict().items():
-            if key not in getattr(model, "all_tied_weights_keys", {}):
+            if key not in getattr(model, "all_tied_weights_keys", {}) and not converted(key):
                 header.check(key, tuple(tensor.shape), None, f"{type(model).__name__} built from config.json")
         return model
 
