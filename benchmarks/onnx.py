@@ -1,18 +1,24 @@
-"""ONNX QDQ export (issue #12): file size, ONNX Runtime latency against fp32 ONNX, agreement with PyTorch.
+"""ONNX export (issues #12, #23): agreement with PyTorch, file size, and ONNX Runtime latency against fp32 ONNX
+and against ONNX Runtime's own int8 quantization of the same network.
 
-    python -m benchmarks.onnx                  # digits demo model + Fashion-MNIST models, writes the results
+    python -m benchmarks.onnx                  # both parts, writes the results and the README table
+    python -m benchmarks.onnx --part latency   # the latency grid only (a few minutes)
     python -m benchmarks.onnx --quick          # seconds: digits only, few steps, no README update
 
-For each model: fp32 training (`transformers.Trainer`), then for each bit width LTS fine-tuning from it
-(`LTSTrainer`, SGD, cosine schedule, as the accuracy benchmark does, with fewer steps), then `hf_lts.export_onnx`, and on the whole test set (digits: the 360 validation images of the
-demo's split; Fashion-MNIST: the 10,000 test images, the accuracy benchmark's test set at its 28×28 size)
-PyTorch's top-1, ONNX Runtime's top-1, the share of images where both predict the same class and the
-largest |logit difference|. Sizes: the QDQ ``model.onnx``, an fp32 ONNX export of the same architecture
-(``torch.onnx.export``, the default optimiser, batch norms folded, debugging metadata dropped), the packed ``model.safetensors`` and
-the fp32 ``state_dict``. Latency: ONNX Runtime (CPU provider, default graph optimisations,
-``--threads`` intra-op threads), median of repeated runs at batch 1 and 32, QDQ and fp32 sessions
-interleaved so that the machine's load hits both alike. The models are the accuracy benchmark's (ResNet-18
-layout at 1/4 width, MobileNetV2 at 0.35) and the CPU demo's ResNet.
+Agreement: for each model, fp32 training (`transformers.Trainer`), then for each bit width LTS fine-tuning
+from it (`LTSTrainer`, SGD, cosine schedule, as the accuracy benchmark does, with fewer steps), then
+`hf_lts.export_onnx`, and on the whole test set (digits: the 360 validation images of the demo's split;
+Fashion-MNIST: the 10,000 test images at 28×28) PyTorch's top-1, ONNX Runtime's top-1, the share of images
+where both predict the same class and the largest |logit difference|; sizes of the QDQ ``model.onnx``, an
+fp32 ONNX export of the same architecture, the packed ``model.safetensors`` and the fp32 ``state_dict``.
+
+Latency: ResNet-18 (full width) and MobileNetV2 (width 1.0, ``tf_padding=False``) at 112 px, random weights
+with non-trivial batch-norm statistics (latency does not depend on what was learned). Sessions (CPU
+provider, default optimisations): the fp32 ONNX export, ONNX Runtime's ``quantize_static`` of it (QDQ,
+per-channel int8 weights, uint8 activations, calibrated on random images: "ORT int8"), and the hf-lts
+export at each bit width (per-channel weights). Median ``session.run`` time at batch 1 and 32, 1 and 2
+intra-op threads, all sessions of one cell interleaved round by round so that the machine's load hits them
+alike; reported as ratios within the run.
 """
 
 from __future__ import annotations
@@ -32,7 +38,13 @@ import onnx
 import onnxruntime as ort
 import torch
 from safetensors.torch import save_file
-from transformers import ResNetConfig, ResNetForImageClassification, Trainer
+from transformers import (
+    MobileNetV2Config,
+    MobileNetV2ForImageClassification,
+    ResNetConfig,
+    ResNetForImageClassification,
+    Trainer,
+)
 
 from hf_lts import LTSConfig, LTSTrainer, LTSTrainingArguments, export_onnx, prepare_model
 from hf_lts.data import collate_fn, load_image_dataset, prepare_dataset
@@ -121,31 +133,7 @@ def measure(
     start = time.perf_counter()
     qdq = export_onnx(model, folder, example_inputs=pixels[:2])
     export_s = time.perf_counter() - start
-    fp32 = folder / "fp32.onnx"
-    torch.onnx.export(
-        Logits(float_model).eval(),
-        (pixels[:2],),
-        fp32,
-        dynamo=True,
-        input_names=["pixel_values"],
-        output_names=["logits"],
-        dynamic_shapes=({0: torch.export.Dim.DYNAMIC},),
-        external_data=False,
-        verbose=False,
-    )
-    stripped = onnx.load(fp32)  # without the exporter's per-node debugging metadata, as export_onnx writes
-    graph = stripped.graph
-    for item in (
-        stripped,
-        graph,
-        *graph.node,
-        *graph.value_info,
-        *graph.initializer,
-        *graph.input,
-        *graph.output,
-    ):
-        del item.metadata_props[:]
-    onnx.save(stripped, fp32)
+    fp32 = export_fp32(float_model, pixels[:2], folder / "fp32.onnx")
     save_file({k: v.contiguous() for k, v in float_model.state_dict().items()}, folder / "fp32.safetensors")
 
     with torch.no_grad():
@@ -189,6 +177,128 @@ def measure(
     return record
 
 
+def export_fp32(model: torch.nn.Module, example: torch.Tensor, path: Path) -> Path:
+    """``torch.onnx.export`` of the fp32 model (batch norms folded by its optimiser), without the exporter's
+    per-node debugging metadata, as ``export_onnx`` writes its files."""
+    torch.onnx.export(
+        Logits(model).eval(),
+        (example,),
+        path,
+        dynamo=True,
+        input_names=["pixel_values"],
+        output_names=["logits"],
+        dynamic_shapes=({0: torch.export.Dim.DYNAMIC},),
+        external_data=False,
+        verbose=False,
+    )
+    stripped = onnx.load(path)
+    graph = stripped.graph
+    for item in (
+        stripped,
+        graph,
+        *graph.node,
+        *graph.value_info,
+        *graph.initializer,
+        *graph.input,
+        *graph.output,
+    ):
+        del item.metadata_props[:]
+    onnx.save(stripped, path)
+    return path
+
+
+def latency_model(name: str) -> torch.nn.Module:
+    """Full-width ResNet-18 or MobileNetV2 with random batch-norm statistics (eval mode)."""
+    torch.manual_seed(0)
+    if name == "resnet18":
+        config = ResNetConfig(
+            layer_type="basic", depths=[2, 2, 2, 2], hidden_sizes=[64, 128, 256, 512], embedding_size=64
+        )
+        model = ResNetForImageClassification(config)
+    else:
+        model = MobileNetV2ForImageClassification(MobileNetV2Config(tf_padding=False))
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.normal_(0, 0.1)
+            module.running_var.uniform_(0.5, 2.0)
+            module.weight.data.uniform_(0.5, 1.5)
+            module.bias.data.normal_(0, 0.1)
+    return model.eval()
+
+
+def latency_grid(name: str, args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
+    """One model's latency rows: each (threads, batch) cell's median times and ratios."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    model = latency_model(name)
+    images = torch.randn(
+        32, 3, args.latency_size, args.latency_size, generator=torch.Generator().manual_seed(0)
+    )
+    paths = {"fp32": export_fp32(model, images[:2], work / f"{name}-fp32.onnx")}
+
+    class Calibration(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.batches = iter({"pixel_values": b.numpy()} for b in images.split(8))
+
+        def get_next(self) -> dict | None:
+            return next(self.batches, None)
+
+    paths["ort_int8"] = work / f"{name}-ort-int8.onnx"
+    quantize_static(
+        paths["fp32"], paths["ort_int8"], Calibration(), quant_format=QuantFormat.QDQ, per_channel=True,
+        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+    )  # fmt: skip
+    for bits in args.bits:
+        lts = prepare_model(
+            copy.deepcopy(model), LTSConfig(weight_bits=bits, activation_bits=bits, per_channel=True)
+        )
+        with torch.no_grad():
+            lts(pixel_values=images[:16])  # the activation steps, from a first batch
+        paths[f"W{bits}A{bits}"] = export_onnx(lts, work / f"{name}-w{bits}.onnx", example_inputs=images[:2])
+    rows = []
+    for threads in (1, 2):
+        sessions = {k: session(p, threads) for k, p in paths.items()}
+        for batch, repeats in ((1, args.repeats), (32, max(3, args.repeats // 10))):
+            x = images[:batch].numpy()
+            times: dict[str, list[float]] = {k: [] for k in sessions}
+            for s in sessions.values():
+                for _ in range(2):
+                    latency_ms(s, x)  # warm-up
+            for _ in range(repeats):  # interleaved: the machine's load hits every session alike
+                for k, s in sessions.items():
+                    times[k].append(latency_ms(s, x))
+            ms = {k: statistics.median(v) for k, v in times.items()}
+            row = {"model": name, "threads": threads, "batch": batch, "repeats": repeats}
+            row |= {f"{k}_ms": v for k, v in ms.items()}
+            row |= {f"{k}_vs_ort_int8": v / ms["ort_int8"] for k, v in ms.items() if k.startswith("W")}
+            row |= {f"{k}_vs_fp32": v / ms["fp32"] for k, v in ms.items() if k != "fp32"}
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    sizes = {k: p.stat().st_size for k, p in paths.items()}
+    return [dict(r, bytes=sizes) for r in rows]
+
+
+def latency_markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
+    widths = [k[: -len("_vs_ort_int8")] for k in rows[0] if k.endswith("_vs_ort_int8")]
+    head = (
+        "| model | threads | batch | fp32 ms | ORT int8 × fp32 | "
+        + " | ".join(f"{w} × ORT int8 (× fp32)" for w in widths)
+        + " |"
+    )
+    lines = [head, "|---|---:|---:|---:|---:|" + "---:|" * len(widths)]
+    for r in rows:
+        lines.append(
+            f"| {r['model']} | {r['threads']} | {r['batch']} | {r['fp32_ms']:.1f} | {r['ort_int8_vs_fp32']:.2f} | "
+            + " | ".join(f"{r[f'{w}_vs_ort_int8']:.2f} ({r[f'{w}_vs_fp32']:.2f})" for w in widths)
+            + " |"
+        )
+    return (
+        f"Latency: `{meta['command']}`, {meta['latency_size']} px, median of interleaved runs; load average "
+        f"{meta['latency_load_before']} before and {meta['latency_load_after']} after (2 cores shared with "
+        "other jobs: the 2-thread cells compete with them and are the noisiest).\n\n" + "\n".join(lines)
+    )
+
+
 def markdown(records: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     rows = [
         "| model | bits | test images | top-1 fp32 | top-1 PyTorch | top-1 ONNX | same prediction | max \\|Δlogit\\| "
@@ -225,23 +335,83 @@ def _load(dataset: str, size: int, quick: bool) -> tuple[Any, dict]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.onnx", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="digits only, 20 steps, no README update")
+    parser.add_argument("--part", choices=["all", "agreement", "latency"], default="all")
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=0.01, help="LTS fine-tuning learning rate")
     parser.add_argument("--fp-steps", type=int, default=200, help="fp32 training steps before LTS")
     parser.add_argument("--fp-lr", type=float, default=0.1)
     parser.add_argument("--bits", nargs="+", type=int, default=[2, 4, 8])
-    parser.add_argument("--threads", type=int, default=1, help="ONNX Runtime and torch intra-op threads")
     parser.add_argument(
-        "--repeats", type=int, default=100, help="timed runs at batch 1 (batch 32: a quarter)"
+        "--threads", type=int, default=1, help="agreement part: ONNX Runtime and torch threads"
     )
+    parser.add_argument("--repeats", type=int, default=40, help="timed runs at batch 1 (batch 32: a tenth)")
+    parser.add_argument("--latency-size", type=int, default=112, help="latency part: image side")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     if args.quick:
-        args.steps, args.fp_steps, args.bits, args.repeats = min(args.steps, 20), 20, [4], 10
+        args.steps, args.fp_steps, args.bits, args.repeats, args.part = (
+            min(args.steps, 20),
+            20,
+            [4],
+            10,
+            "agreement",
+        )
     torch.set_num_threads(args.threads)
-    load_before = " ".join(f"{x:.1f}" for x in os.getloadavg())
+    meta: dict[str, Any] = {
+        "command": "python -m benchmarks.onnx" + (" --quick" if args.quick else f" --part {args.part}"),
+        "machine": "2-core x86-64 CPU (AVX-512 VNNI) shared with other jobs",
+        "onnxruntime": ort.__version__,
+        "torch": torch.__version__,
+    }
+    previous = json.loads(args.output.read_text()) if args.output.exists() and not args.quick else {}
+    records, latency = previous.get("records", []), previous.get("latency", [])
+    with tempfile.TemporaryDirectory() as work:
+        if args.part in ("all", "agreement"):
+            meta |= agreement_meta(args)
+            records = agreement(args, Path(work))
+            meta["load_after"] = " ".join(f"{x:.1f}" for x in os.getloadavg())
+        else:
+            meta |= {k: v for k, v in previous.get("meta", {}).items() if k not in meta}
+        if args.part in ("all", "latency"):
+            meta |= {"latency_size": args.latency_size, "latency_repeats": args.repeats, "bits": args.bits}
+            meta["latency_load_before"] = " ".join(f"{x:.1f}" for x in os.getloadavg())
+            latency = [
+                row for name in ("resnet18", "mobilenet_v2") for row in latency_grid(name, args, Path(work))
+            ]
+            meta["latency_load_after"] = " ".join(f"{x:.1f}" for x in os.getloadavg())
+    tables = [markdown(records, meta)] if records else []
+    if latency:
+        tables.append(latency_markdown(latency, meta))
+    table = "\n\n".join(tables)
+    print(table)
+    if not args.quick:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_text(
+            json.dumps({"meta": meta, "records": records, "latency": latency}, indent=2) + "\n"
+        )
+        text = README.read_text()
+        if START in text:
+            text = text[: text.index(START) + len(START)] + "\n" + table + "\n" + text[text.index(END) :]
+            README.write_text(text)
+    return 0
+
+
+def agreement_meta(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "load_before": " ".join(f"{x:.1f}" for x in os.getloadavg()),
+        "threads": args.threads,
+        "steps": args.steps,
+        "lr": args.lr,
+        "fp_steps": args.fp_steps,
+        "fp_lr": args.fp_lr,
+        "batch_size": args.batch_size,
+    }
+
+
+def agreement(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
+    """The trained models' agreement rows (see the module docstring)."""
     plan = [("demo-resnet (digits)", demo_model, "digits", 32)]
     if not args.quick:
         plan += [
@@ -254,38 +424,14 @@ def main(argv: list[str] | None = None) -> int:
             ),
         ]
     records = []
-    with tempfile.TemporaryDirectory() as work:
-        for name, build, dataset, size in plan:
-            data = _load(dataset, size, args.quick)
-            torch.manual_seed(args.seed)
-            float_model = build(int(data[1]["labels"].max()) + 1)
-            train(float_model, data[0], args.fp_steps, args.batch_size, args.fp_lr, args.seed, Path(work))
-            for bits in args.bits:
-                records.append(measure(name, float_model, bits, data, args, Path(work)))
-    meta = {
-        "command": "python -m benchmarks.onnx" + (" --quick" if args.quick else ""),
-        "machine": "2-core x86-64 CPU shared with other jobs",
-        "load_before": load_before,
-        "load_after": " ".join(f"{x:.1f}" for x in os.getloadavg()),
-        "onnxruntime": ort.__version__,
-        "torch": torch.__version__,
-        "threads": args.threads,
-        "steps": args.steps,
-        "lr": args.lr,
-        "fp_steps": args.fp_steps,
-        "fp_lr": args.fp_lr,
-        "batch_size": args.batch_size,
-    }
-    table = markdown(records, meta)
-    print(table)
-    if not args.quick:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(json.dumps({"meta": meta, "records": records}, indent=2) + "\n")
-        text = README.read_text()
-        if START in text:
-            text = text[: text.index(START) + len(START)] + "\n" + table + "\n" + text[text.index(END) :]
-            README.write_text(text)
-    return 0
+    for name, build, dataset, size in plan:
+        data = _load(dataset, size, args.quick)
+        torch.manual_seed(args.seed)
+        float_model = build(int(data[1]["labels"].max()) + 1)
+        train(float_model, data[0], args.fp_steps, args.batch_size, args.fp_lr, args.seed, work)
+        for bits in args.bits:
+            records.append(measure(name, float_model, bits, data, args, work))
+    return records
 
 
 if __name__ == "__main__":

@@ -155,16 +155,19 @@ def deploy_section(repo_id: str | None) -> str:
     """The card's "Deploy" section: the ONNX QDQ file and how to run it with ONNX Runtime."""
     return (
         "## Deploy\n\n"
-        f"`{ONNX_FILE}` is the same model as standard ONNX (QDQ): the weights are integer initializers "
-        "(int2/int4/int8, by bit width) with their trained steps in `DequantizeLinear`, and each quantized "
-        "layer's input passes a `QuantizeLinear`/`DequantizeLinear` pair with its learned step, so ONNX "
-        "Runtime and other QDQ runtimes compute the trained integer levels with nothing to calibrate. "
+        f"`{ONNX_FILE}` is the same model as standard ONNX (QDQ): the trained integer levels are int8 "
+        "initializers with their steps (batch norms folded in) in `DequantizeLinear`, and each quantized layer's "
+        "input passes a `QuantizeLinear`/`DequantizeLinear` pair (uint8) with its learned step, so ONNX Runtime "
+        "computes the trained integer levels with nothing to calibrate, on its integer kernels (QLinearConv, "
+        'ConvInteger; see hf-lts\'s README, "Deploy with ONNX", for their speed). Batch, height and width '
+        "are free unless the export fixed them. "
         "`pip install onnxruntime huggingface_hub`, then:\n\n"
         "```python\n"
         "import numpy as np, onnxruntime as ort\n"
         "from huggingface_hub import hf_hub_download\n\n"
         f'session = ort.InferenceSession(hf_hub_download("{repo_id or "<repo-id>"}", "{ONNX_FILE}"))\n'
-        "_, channels, height, width = session.get_inputs()[0].shape  # the batch size is free\n"
+        "_, channels, *size = session.get_inputs()[0].shape  # a name where a dimension is free\n"
+        "height, width = (s if isinstance(s, int) else 224 for s in size)\n"
         "pixel_values = np.zeros((4, channels, height, width), np.float32)  # normalised as in training\n"
         'print(session.run(["logits"], {"pixel_values": pixel_values})[0].argmax(1))\n'
         "```"

@@ -536,12 +536,22 @@ def export_command(argv: Sequence[str]) -> int:
     )
     parser.add_argument("--format", required=True, choices=["onnx"], help="onnx: an ONNX QDQ model.onnx")
     parser.add_argument("--output", help="the folder to write to (default: MODEL_DIR, or ./<repo name>)")
-    parser.add_argument("--opset", type=int, help="ONNX opset (default: 25 with 2-bit layers, else 21)")
+    parser.add_argument("--opset", type=int, help="ONNX opset (default: 21; native 2-bit types: 25)")
+    parser.add_argument(
+        "--weight-type",
+        choices=["int8", "native"],
+        default="int8",
+        help="int8: every bit width in int8/uint8, runs on ONNX Runtime's integer kernels (default); "
+        "native: int2/int4 types, a smaller file on float kernels",
+    )
     parser.add_argument(
         "--image-size",
         "--image_size",
         type=int,
-        help="side of the example input (default: config.image_size)",
+        help="side of the example input (default: config.image_size); any size runs unless --fixed-size",
+    )
+    parser.add_argument(
+        "--fixed-size", action="store_true", help="fix height and width to --image-size in the graph"
     )
     args = parser.parse_args(argv)
     local = Path(args.model).is_dir()
@@ -556,7 +566,14 @@ def export_command(argv: Sequence[str]) -> int:
         example = torch.zeros(2, getattr(model.config, "num_channels", 3), size, size)
         if not (local and output.resolve() == Path(args.model).resolve()):
             save_export(model, output)
-        path = export_onnx(model, output / ONNX_FILE, example_inputs=example, opset=args.opset)
+        path = export_onnx(
+            model,
+            output / ONNX_FILE,
+            example_inputs=example,
+            opset=args.opset,
+            weight_type=args.weight_type,
+            dynamic_size=not args.fixed_size,
+        )
         add_deploy_section(output, hub_id(None if local else args.model))
     print(f"Wrote {path} ({path.stat().st_size / 1e6:.2f} MB)")
     return 0

@@ -16,8 +16,10 @@ def tiny_resnet(num_labels: int = 5, seed: int = 0) -> ResNetForImageClassificat
     )
 
 
-def tiny_mobilenet(num_labels: int = 5, seed: int = 0) -> MobileNetV2ForImageClassification:
+def tiny_mobilenet(
+    num_labels: int = 5, seed: int = 0, tf_padding: bool = True
+) -> MobileNetV2ForImageClassification:
     torch.manual_seed(seed)
     return MobileNetV2ForImageClassification(
-        MobileNetV2Config(depth_multiplier=0.35, image_size=32, num_labels=num_labels)
+        MobileNetV2Config(depth_multiplier=0.35, image_size=32, num_labels=num_labels, tf_padding=tf_padding)
     )

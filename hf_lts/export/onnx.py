@@ -2,21 +2,27 @@
 
 Every quantized layer becomes, in standard ONNX:
 
-    x ─ [Clip] ─ QuantizeLinear(s_a, 0) ─ DequantizeLinear(s_a, 0) ─┐
+    x ─ QuantizeLinear(s_a, z) ─ [Clip] ─ DequantizeLinear(s_a, z) ─┐
                                                                     Conv / Gemm ─ (rest of the graph)
     integer levels q (initializer) ─ DequantizeLinear(s_w, axis=0) ─┘
 
-with the learned steps (per tensor, or per output channel for the weights), zero points 0, unsigned
-activation types after ReLU and signed ones otherwise, and the smallest integer type that the opset and
-ONNX Runtime support for the bit width (`integer_type`): 2-bit → int2/uint2 (opset ≥ 25), 3/4-bit (and
-2-bit at opset 21-24) → int4/uint4, 5- to 8-bit → int8/uint8. Where the type is wider than the bit width
-(3-bit in int4, say) a ``Clip`` to ``[Qn·s_a, Qp·s_a]`` before the ``QuantizeLinear`` gives exactly the
-trained range. Layers kept in fp32 stay plain float Conv/Gemm. ONNX Runtime computes the same levels as
-PyTorch; only the float accumulation order differs.
+with the learned steps. Two forms (``weight_type``):
 
-The graph is traced by ``torch.onnx.export`` (dynamo) from a copy of the model whose quantized layers call
-two small custom ops, translated to the Q/DQ nodes above; the ``torch.onnx`` optimizer keeps Q/DQ nodes,
-so batch norms stay separate from the dequantized weights. Needs the ``[onnx]`` extra.
+- ``"int8"`` (default): levels of every bit width in ``int8``, activations in ``uint8`` (zero point 0 after
+  ReLU, 128 for signed levels) with an integer ``Clip`` to the trained range below 8 bits, then the
+  rewrite of `hf_lts.export.onnx_int8`: batch norms folded into the per-channel steps and biases, ReLU6 and
+  TensorFlow-style padding moved to where ONNX Runtime's QDQ fusion wants them. ONNX Runtime then runs
+  each quantized convolution on QLinearConv (integer in and out) or, where its output stays float (a
+  residual sum) or an int32 bias would not be exact enough, on ConvInteger.
+- ``"native"``: the smallest ONNX integer type per bit width (`integer_type`: int2 at opset ≥ 25, int4,
+  int8), batch norms left as they are, a ``Clip`` before each quantizer whose type is wider than its bit
+  width: a smaller file, run on float kernels after dequantizing.
+
+Layers kept in fp32 stay plain float Conv/Gemm. Batch, height and width are free by default; an
+architecture whose forward fixes the size is refused with a clear error (``dynamic_size=False`` exports
+it at the example's size). The graph is traced by ``torch.onnx.export`` (dynamo) from a copy of the model
+whose quantized layers call two small custom ops, translated to the Q/DQ nodes above. Needs the
+``[onnx]`` extra.
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ from transformers import PreTrainedModel
 from ..quantization.layers import QuantLayerMixin
 from ..quantization.lsq import broadcast_scale, signed_range, unsigned_range
 from . import ONNX_FILE
+from .onnx_int8 import SIGNED_ZERO_POINT, to_integer_kernels
 from .packed import checked_layers, export_levels, step_size
 
 #: Q/DQ of int4/uint4 came with opset 21, of int2/uint2 with opset 25 (ONNX Runtime runs both).
@@ -62,8 +69,10 @@ def integer_type(bits: int, signed: bool, opset: int) -> tuple[str, int]:
     return f"{'' if signed else 'u'}int{width}", width
 
 
-def default_opset(layers: dict[str, QuantLayerMixin]) -> int:
-    """Opset 25 when a layer has 2-bit weights or inputs (int2 types), else 21 (int4, int8)."""
+def default_opset(layers: dict[str, QuantLayerMixin], weight_type: str = "int8") -> int:
+    """21; with native types, 25 when a layer has 2-bit weights or inputs (int2 types)."""
+    if weight_type == "int8":
+        return INT4_OPSET
     bits = {b for layer in layers.values() for b in (layer.weight_quantizer.bits, layer.input_quantizer.bits)}
     return INT2_OPSET if min(bits) <= 2 else INT4_OPSET
 
@@ -95,13 +104,25 @@ def _(levels: torch.Tensor, scale: torch.Tensor, width: int) -> torch.Tensor:
     return torch.empty(levels.shape, dtype=torch.float32, device=levels.device)
 
 
-def _translations() -> dict:
+def _translations(weight_type: str) -> dict:
     """ONNX translations of the two custom ops (onnxscript, traced by the exporter)."""
     import numpy as np
     from onnxscript import ir
     from onnxscript import opset21 as op
 
-    def quantize_dequantize_onnx(x, scale, qmin: int, qmax: int, width: int):
+    def uint8(value: int) -> Any:
+        return op.Constant(value=ir.tensor(np.array(value, dtype=np.uint8)))
+
+    def quantize_dequantize_int8(x, scale, qmin: int, qmax: int, width: int):
+        # uint8 for every bit width (zero point 128 for signed levels), the trained range by an integer clamp
+        # after the quantizer: the form ONNX Runtime fuses with the layers around it.
+        zero = 0 if qmin >= 0 else SIGNED_ZERO_POINT
+        q = op.QuantizeLinear(x, scale, uint8(zero))
+        if (qmin + zero, qmax + zero) != (0, 255):
+            q = op.Clip(q, uint8(qmin + zero), uint8(qmax + zero))
+        return op.DequantizeLinear(q, scale, uint8(zero))
+
+    def quantize_dequantize_native(x, scale, qmin: int, qmax: int, width: int):
         lo, hi = signed_range(width) if qmin < 0 else unsigned_range(width)
         if (lo, hi) != (qmin, qmax):  # a type wider than the bit width: clip to the trained range first
             x = op.Clip(
@@ -119,7 +140,9 @@ def _translations() -> dict:
         return op.DequantizeLinear(op.Cast(levels, to=_TYPES[("int", width)]), scale, axis=0)
 
     return {
-        torch.ops.hf_lts.quantize_dequantize.default: quantize_dequantize_onnx,
+        torch.ops.hf_lts.quantize_dequantize.default: (
+            quantize_dequantize_int8 if weight_type == "int8" else quantize_dequantize_native
+        ),
         torch.ops.hf_lts.dequantize.default: dequantize_onnx,
     }
 
@@ -128,10 +151,10 @@ class _QDQMixin:
     """The inference form of a `QuantConv2d` / `QuantLinear`: integer levels and steps instead of latent
     weights and LTS state. A real conv/linear module otherwise (model code may read its stride, say)."""
 
-    def _take_over(self, layer: QuantLayerMixin, opset: int) -> None:
+    def _take_over(self, layer: QuantLayerMixin, opset: int, weight_type: str) -> None:
         wq, aq = layer.weight_quantizer, layer.input_quantizer
-        _, self.weight_width = integer_type(wq.bits, True, opset)
-        _, self.input_width = integer_type(aq.bits, bool(aq.signed), opset)
+        self.weight_width = 8 if weight_type == "int8" else integer_type(wq.bits, True, opset)[1]
+        self.input_width = 8 if weight_type == "int8" else integer_type(aq.bits, bool(aq.signed), opset)[1]
         self.input_range = (aq.qmin, aq.qmax)
         del self.weight
         scale = step_size(wq.scale)
@@ -165,7 +188,12 @@ class _QDQLinear(_QDQMixin, nn.Linear):
         return F.linear(*self._quantized(x), self.bias)
 
 
-def _qdq_layer(layer: QuantLayerMixin, opset: int) -> nn.Module:
+def _qdq_layer(name: str, layer: QuantLayerMixin, opset: int, weight_type: str) -> nn.Module:
+    if not isinstance(layer, (nn.Conv2d, nn.Linear)):
+        raise ValueError(
+            f"Layer {name!r} ({type(layer).__name__}) has no ONNX export: only quantized Conv2d and Linear "
+            "layers have one."
+        )
     if isinstance(layer, nn.Conv2d):
         module = _QDQConv2d(
             layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding,
@@ -174,7 +202,7 @@ def _qdq_layer(layer: QuantLayerMixin, opset: int) -> nn.Module:
         module.register_module("input_pad", layer._modules.get("input_pad"))
     else:
         module = _QDQLinear(layer.in_features, layer.out_features, bias=False, device="meta")
-    module._take_over(layer, opset)
+    module._take_over(layer, opset, weight_type)
     return module
 
 
@@ -192,9 +220,11 @@ class _Logits(nn.Module):
         return out[0] if isinstance(out, (tuple, list)) else out
 
 
-def _inference_copy(model: nn.Module, layers: dict[str, QuantLayerMixin], opset: int) -> nn.Module:
+def _inference_copy(
+    model: nn.Module, layers: dict[str, QuantLayerMixin], opset: int, weight_type: str
+) -> nn.Module:
     """A deep copy of ``model`` with every quantized layer replaced by its `_QDQConv2d`/`_QDQLinear` (eval mode)."""
-    replacements = {name: _qdq_layer(layer, opset) for name, layer in layers.items()}
+    replacements = {name: _qdq_layer(name, layer, opset, weight_type) for name, layer in layers.items()}
     try:  # swap in, copy, swap back: the copy never holds the training state
         for name, qdq in replacements.items():
             _set_submodule(model, name, qdq)
@@ -283,19 +313,72 @@ def _finalize(proto: Any) -> None:
             graph.initializer.remove(init)
 
 
+WEIGHT_TYPES = ("int8", "native")
+#: Where `export_onnx` records its options in the file (``metadata_props``), for `refresh_onnx`.
+_META_WEIGHT_TYPE, _META_DYNAMIC_SIZE = "hf_lts.weight_type", "hf_lts.dynamic_size"
+
+
+def _trace(
+    inference: nn.Module,
+    example_inputs: tuple[torch.Tensor, ...],
+    opset: int,
+    weight_type: str,
+    dynamic_size: bool,
+) -> Any:
+    """``torch.onnx.export`` of the inference copy: the batch dimension free, height and width too where
+    ``dynamic_size`` (an image input, 4-D), everything else as in the example."""
+    names = (
+        ["pixel_values"] if len(example_inputs) == 1 else [f"input_{i}" for i in range(len(example_inputs))]
+    )
+    free = torch.export.Dim.DYNAMIC
+    dims = tuple(
+        {0: free, 2: free, 3: free} if dynamic_size and x.ndim == 4 else {0: free} for x in example_inputs
+    )
+    with _quiet_exporter():
+        return torch.onnx.export(
+            _Logits(inference).eval(),
+            example_inputs,
+            dynamo=True,
+            opset_version=min(opset, EXPORTER_MAX_OPSET),
+            input_names=names,
+            output_names=["logits"],
+            dynamic_shapes=(dims,),
+            custom_translation_table=_translations(weight_type),
+            verbose=False,
+        ).model_proto
+
+
+def _fixed_size_error(example_inputs: tuple[torch.Tensor, ...]) -> ValueError:
+    size = "×".join(str(d) for d in example_inputs[0].shape[2:])
+    return ValueError(
+        "This model's architecture fixes its input's height and width (its forward computes with them as "
+        "Python numbers: transformers' MobileNetV2 with tf_padding=True, say), so the ONNX graph cannot take "
+        f"any size: pass dynamic_size=False to export it for the example's size ({size})."
+    )
+
+
 def export_onnx(
     model: nn.Module,
     path: str | os.PathLike,
     example_inputs: torch.Tensor | tuple[torch.Tensor, ...] | None = None,
     opset: int | None = None,
+    *,
+    weight_type: str = "int8",
+    dynamic_size: bool = True,
 ) -> Path:
     """Write a prepared LTS model as an ONNX QDQ model (see the module docstring) and return its path.
 
     ``path`` ending in ``.onnx`` is the file; anything else is a folder (an export folder, typically) that
-    receives ``model.onnx``. ``example_inputs`` (default: two zero images of the config's size) only fix
-    the traced shapes; the batch dimension stays dynamic. ``opset`` defaults to 25 when a layer has 2 bits
-    (int2), else 21. The file is checked with ``onnx.checker`` and written atomically.
+    receives ``model.onnx``. The batch dimension is free, and so are height and width (``dynamic_size``);
+    ``example_inputs`` (default: two zero images of the config's size) only sets what the graph fixes:
+    channels, and the size where ``dynamic_size=False``. ``weight_type="int8"`` (default) stores every bit
+    width's levels in ``int8`` and activations in ``uint8``, with batch norms folded, the form that ONNX
+    Runtime runs on its integer kernels; ``"native"`` keeps the smallest ONNX type per bit width (int2/int4)
+    and unfolded batch norms: a smaller file that runs on float kernels. ``opset`` defaults to 21 (25 for
+    native 2-bit types). The file is checked with ``onnx.checker`` and written atomically.
     """
+    if weight_type not in WEIGHT_TYPES:
+        raise ValueError(f"weight_type must be one of {WEIGHT_TYPES}, not {weight_type!r}.")
     layers = checked_layers(model)
     onnx = require_onnx()
     for name, layer in layers.items():
@@ -304,35 +387,44 @@ def export_onnx(
                 f"Layer {name!r} has not seen data yet (its activation step is not initialised): train the "
                 "model, or run one batch through it in train mode, before exporting."
             )
-    opset = default_opset(layers) if opset is None else opset
+    opset = default_opset(layers, weight_type) if opset is None else opset
     if opset < MIN_OPSET:
         raise ValueError(f"opset {opset} is too old: torch.onnx.export writes opset {MIN_OPSET} or newer.")
-    inference = _inference_copy(model, layers, opset)
+    if weight_type == "int8" and opset < INT4_OPSET:
+        raise ValueError(
+            f"opset {opset} is too old for the int8 form: it is written with opset-{INT4_OPSET} "
+            f"QuantizeLinear/DequantizeLinear; pass opset={INT4_OPSET} or newer (or opset=None)."
+        )
+    inference = _inference_copy(model, layers, opset, weight_type)
     if example_inputs is None:
         example_inputs = _default_inputs(model)
     elif isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
     example_inputs = tuple(x.to(next(inference.buffers()).device) for x in example_inputs)
-    names = (
-        ["pixel_values"] if len(example_inputs) == 1 else [f"input_{i}" for i in range(len(example_inputs))]
-    )
-    with _quiet_exporter():
-        program = torch.onnx.export(
-            _Logits(inference).eval(),
-            example_inputs,
-            dynamo=True,
-            opset_version=min(opset, EXPORTER_MAX_OPSET),
-            input_names=names,
-            output_names=["logits"],
-            dynamic_shapes=(tuple({0: torch.export.Dim.DYNAMIC} for _ in example_inputs),),
-            custom_translation_table=_translations(),
-            verbose=False,
-        )
-    proto = program.model_proto
+    if dynamic_size and getattr(getattr(model, "config", None), "tf_padding", False):
+        # Its padding is computed from the input size as Python numbers: torch.export bakes the example's
+        # into the graph without a guard that fails, so the graph would run at any size, wrongly.
+        raise _fixed_size_error(example_inputs)
+    try:
+        proto = _trace(inference, example_inputs, opset, weight_type, dynamic_size)
+    except Exception:
+        if not dynamic_size:
+            raise
+        _trace(inference, example_inputs, opset, weight_type, False)  # fails alike: not a matter of size
+        raise _fixed_size_error(example_inputs) from None
+    if dynamic_size and any(
+        d.HasField("dim_value") for i in proto.graph.input for d in i.type.tensor_type.shape.dim[2:]
+    ):
+        raise _fixed_size_error(example_inputs)
     _finalize(proto)
     if opset > EXPORTER_MAX_OPSET:
         proto = onnx.version_converter.convert_version(proto, opset)
+    if weight_type == "int8":
+        to_integer_kernels(proto)
     proto.producer_name = "hf-lts"
+    onnx.helper.set_model_props(
+        proto, {_META_WEIGHT_TYPE: weight_type, _META_DYNAMIC_SIZE: str(dynamic_size).lower()}
+    )
     onnx.checker.check_model(proto, full_check=True)
     target = Path(path)
     if target.suffix != ".onnx":
@@ -350,13 +442,22 @@ def export_onnx(
 
 
 def refresh_onnx(model: nn.Module, path: str | os.PathLike) -> Path:
-    """Export ``model`` again over the ONNX file at ``path``, with that file's input shapes and opset: so
-    that a ``model.onnx`` never lags behind the packed weights saved beside it."""
+    """Export ``model`` again over the ONNX file at ``path``, with that file's input shapes, opset and
+    options: so that a ``model.onnx`` never lags behind the packed weights saved beside it."""
     onnx = require_onnx()
     previous = onnx.load(path, load_external_data=False)
+    meta = {p.key: p.value for p in previous.metadata_props}
+    size = getattr(getattr(model, "config", None), "image_size", None) or 224  # for free dimensions
     example = tuple(
-        torch.zeros([2, *(d.dim_value or 1 for d in i.type.tensor_type.shape.dim[1:])])
+        torch.zeros([2, *(d.dim_value or size for d in i.type.tensor_type.shape.dim[1:])])
         for i in previous.graph.input
     )
     opset = next(o.version for o in previous.opset_import if o.domain in ("", "ai.onnx"))
-    return export_onnx(model, path, example_inputs=example, opset=opset)
+    return export_onnx(
+        model,
+        path,
+        example_inputs=example,
+        opset=opset,
+        weight_type=meta.get(_META_WEIGHT_TYPE, "native"),  # files without it predate the int8 form
+        dynamic_size=meta.get(_META_DYNAMIC_SIZE) == "true",
+    )
