@@ -52,5 +52,9 @@ def _guarded(param: torch.Tensor) -> bool:
 @torch.no_grad()
 def _clamp(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
     steps = [p for group in optimizer.param_groups for p in group["params"] if _guarded(p)]
+    if steps and steps[0].device.type == "cpu":
+        # reading is free on the host: write (and so bump the version of) only the steps that need it, which
+        # keeps a fully frozen layer's cached quantized weight valid (`QuantLayerMixin._held_weight`)
+        steps = [p for p in steps if bool((p < SCALE_EPS).any())]
     if steps:
         torch._foreach_clamp_min_(steps, SCALE_EPS)
