@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
+from . import backend as backends
 from .lsq import SCALE_EPS
 
 #: id → weak reference of every guarded step (a WeakSet would compare tensors with ``==``).
@@ -52,9 +53,10 @@ def _guarded(param: torch.Tensor) -> bool:
 @torch.no_grad()
 def _clamp(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
     steps = [p for group in optimizer.param_groups for p in group["params"] if _guarded(p)]
-    if steps and steps[0].device.type == "cpu":
-        # reading is free on the host: write (and so bump the version of) only the steps that need it, which
-        # keeps a fully frozen layer's cached quantized weight valid (`QuantLayerMixin._held_weight`)
+    if steps and backends.select(steps[0].device, steps[0].dtype) == "native":
+        # on the native (CPU) path reading is free: write (and so bump the version of) only the steps that need
+        # it, which keeps a fully frozen layer's cached quantized weight valid (`QuantLayerMixin._held_weight`);
+        # the device path never reads a value back
         steps = [p for p in steps if bool((p < SCALE_EPS).any())]
     if steps:
         torch._foreach_clamp_min_(steps, SCALE_EPS)
