@@ -57,8 +57,9 @@ def _hash_uniform(index: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
     return (h >> 8).to(torch.float32) * 2.0**-24
 
 
-def _step_key(t: int, index: int) -> int:
-    """The hash key of optimizer step ``t`` in layer ``index`` (spreads (t, layer) over 32 bits)."""
+def _step_key(t: int | torch.Tensor, index: int) -> int | torch.Tensor:
+    """The hash key of optimizer step ``t`` (a number, or the device's step counter) in layer ``index``
+    (spreads (t, layer) over 32 bits)."""
     return (t * 0x9E3779B1 + index * 0x85EBCA77) & _LOW32
 
 
@@ -106,7 +107,7 @@ def update_layer_state(
     d_now = (v - q).abs_().clamp_(max=state.DISTANCE_MAX).mul_(state.DISTANCE_ONE)
     old = packed & state.DISTANCE_MASK
     rate = torch.where((old == state.DISTANCE_ONE) & restart_observed, 1.0, keep)
-    key = (step * 0x9E3779B1 + index * 0x85EBCA77) & _LOW32  # `_step_key`, on the device
+    key = _step_key(step, index)  # on the device: ``step`` is a tensor
     draws = torch.arange(packed.numel(), device=packed.device).view(packed.shape)
     delta = torch.floor(rate * (d_now - old.float()) + _hash_uniform(draws, key))
     fixed = (old + delta.to(torch.int32)).clamp_(0, state.DISTANCE_MASK)
@@ -185,7 +186,8 @@ class LotteryTicketScratcher:
         self._thresholds: tuple[tuple[int, str], torch.Tensor] | None = None
         self._pending: tuple[torch.Tensor, torch.cuda.Event | None] | None = None
         self._counts: list[np.ndarray | None] = [None] * len(self.layers)
-        self._full_counts: dict[int, torch.Tensor] = {}  # frozen counts of fully frozen layers (constant)
+        # frozen counts (per channel, in all) of fully frozen layers: constant
+        self._full_counts: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         # A checkpoint is taken with the counts applied (and a loaded one applies them exactly), so a run
         # resumed from it skips the channels the uninterrupted run skips, step for step.
         model.register_state_dict_pre_hook(lambda *args, **kwargs: self._collect())
@@ -341,8 +343,8 @@ class LotteryTicketScratcher:
             wq, channels = layer.weight_quantizer, layer.weight.shape[0]
             full = layer.num_frozen == layer.weight.numel()  # (as the host knows it: late, but monotone)
             if full and self._restored_version.get(name) == layer.weight._version:
-                counts.append(self._full_counts[index])  # nothing touched it since: nothing to hold
-                totals.append(self._full_counts[index].sum())
+                counts.append(self._full_counts[index][0])  # nothing touched it since: nothing to hold
+                totals.append(self._full_counts[index][1])
                 continue
             complete_at = None
             if config.channel_completion is not None:
@@ -356,7 +358,7 @@ class LotteryTicketScratcher:
             totals.append(total)
             if full:
                 self._restored_version[name] = layer.weight._version
-                self._full_counts[index] = per_channel
+                self._full_counts[index] = (per_channel, total)
         self._add_counters(totals)
         self._send(torch.cat(counts))
 
