@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import functools
 import math
+import os
+import warnings
 from typing import Any
 
 import numpy as np
@@ -135,6 +137,7 @@ _UPDATE = Kernel(
     update_layer_state,
     None,
     {6: torch.int64, 7: torch.float32, 8: torch.bool, 9: torch.float32, 10: torch.float32, 11: torch.int64},
+    ("RK", "RK", "R", "R", "", "T", "", "", "", "", "", ""),
 )
 
 
@@ -144,6 +147,62 @@ def completion_count(share: float, per_row: int) -> int:
     which ``c / per_row ≥ share`` in float32, as the native update compares."""
     counts = torch.arange(per_row + 1)
     return int((counts / per_row >= share).nonzero()[0])
+
+
+class _Graph:
+    """The scratcher's updates (`LotteryTicketScratcher._updates`) as one CUDA graph: a step of a few
+    dozen small kernels costs the host more than the device (about 0.5 ms per layer on an H200 host,
+    launched one by one), a replay costs one call.
+
+    A plan (which layers update, at which completion count) runs eagerly the first time (that compiles
+    its kernels and makes their constants), is captured the second, and replays from then on, until the
+    plan or a tensor's address changes (a layer fully frozen, the model moved). Off CUDA, or with
+    ``HF_LTS_CUDA_GRAPHS=0``, or once a capture failed (with a warning), every step runs eagerly.
+    """
+
+    def __init__(self, scratcher: LotteryTicketScratcher) -> None:
+        self.scratcher = scratcher
+        self.enabled = os.environ.get("HF_LTS_CUDA_GRAPHS", "1") != "0"
+        self._seen: tuple[object, ...] | None = None
+        self._captured: tuple[tuple[object, ...], torch.cuda.CUDAGraph, list] | None = None
+
+    def _key(self, plan: list[tuple[int, int | None]], thresholds: torch.Tensor) -> tuple[object, ...]:
+        tensors = [thresholds]
+        for layer in self.scratcher.layers.values():
+            tensors += [layer.weight, layer.lts_state, layer.weight_quantizer.scale, layer.lts_held_scale]
+            tensors += [layer.lts_step]
+        return (tuple(plan), *[t.data_ptr() for t in tensors])
+
+    def run(self, plan: list[tuple[int, int | None]], thresholds: torch.Tensor, backend: str) -> list:
+        updates = self.scratcher._updates
+        if not self.enabled or thresholds.device.type != "cuda":
+            return updates(plan, thresholds, backend)
+        key = self._key(plan, thresholds)
+        if self._captured is not None and self._captured[0] == key:
+            _, graph, outputs = self._captured
+        elif self._seen != key:
+            self._seen, self._captured = key, None
+            return updates(plan, thresholds, backend)
+        else:
+            self._captured = None  # (its memory goes back to the pool before the new capture)
+            graph = torch.cuda.CUDAGraph()
+            try:
+                with torch.cuda.graph(graph):
+                    outputs = updates(plan, thresholds, backend)
+            except Exception as err:  # nothing ran: run eagerly, now and from now on
+                warnings.warn(
+                    f"hf-lts: the scratcher's CUDA graph failed ({err}); it runs eagerly.", stacklevel=4
+                )
+                self.enabled = False
+                return updates(plan, thresholds, backend)
+            self._captured = (key, graph, outputs)
+        graph.replay()
+        layers = self.scratcher.layers.values()
+        written = [
+            t for layer in layers for t in (layer.weight, layer.lts_state, layer.weight_quantizer.scale)
+        ]
+        torch.autograd.graph.increment_version(written)  # what eager writes would have bumped
+        return outputs
 
 
 class LotteryTicketScratcher:
@@ -188,6 +247,7 @@ class LotteryTicketScratcher:
         self._counts: list[np.ndarray | None] = [None] * len(self.layers)
         # frozen counts (per channel, in all) of fully frozen layers: constant
         self._full_counts: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._graph = _Graph(self)
         # A checkpoint is taken with the counts applied (and a loaded one applies them exactly), so a run
         # resumed from it skips the channels the uninterrupted run skips, step for step.
         model.register_state_dict_pre_hook(lambda *args, **kwargs: self._collect())
@@ -326,41 +386,64 @@ class LotteryTicketScratcher:
         step counter advances there, thresholds come from a device table, each layer's update (with channel
         completion) is one kernel, the counters add device values, and the frozen counts per channel travel
         to the host without waiting: the host applies them (skipped channels, fully frozen layers) at the
-        next step, when they have long arrived."""
+        next step, when they have long arrived. On a GPU the updates replay as one CUDA graph (`_Graph`)."""
         config = self.config
         layers = list(self.layers.values())
         self._collect()
-        torch._foreach_add_([layer.lts_step for layer in layers], 1)
         if not config.freeze:
+            torch._foreach_add_([layer.lts_step for layer in layers], 1)
             for layer in layers:
                 layer._restore_frozen()
             self._add_counters([0] * len(layers))
             return
         thresholds = self._threshold_table(layers[0].lts_state.device)
-        keep, observed = 1.0 - config.distance_momentum, config.distance_init == "observed"
-        counts, totals = [], []
+        counts: list[torch.Tensor | None] = [None] * len(layers)
+        totals: list[torch.Tensor | None] = [None] * len(layers)
+        plan = []  # (index, completion count) of the layers to update
         for index, (name, layer) in enumerate(self.layers.items()):
-            wq, channels = layer.weight_quantizer, layer.weight.shape[0]
             full = layer.num_frozen == layer.weight.numel()  # (as the host knows it: late, but monotone)
             if full and self._restored_version.get(name) == layer.weight._version:
-                counts.append(self._full_counts[index][0])  # nothing touched it since: nothing to hold
-                totals.append(self._full_counts[index][1])
+                counts[index], totals[index] = self._full_counts[index]  # nothing touched it: nothing to hold
                 continue
             complete_at = None
             if config.channel_completion is not None:
                 complete_at = completion_count(config.channel_completion, layer.weight[0].numel())
-            per_channel, total = _UPDATE(
-                layer.weight.view(channels, -1).detach(), layer.lts_state.view(channels, -1).detach(),
-                wq.scale.detach(), layer.lts_held_scale, layer.lts_step, thresholds, index,
-                keep, observed, wq.qmin, wq.qmax, complete_at, backend=backend,
-            )  # fmt: skip
-            counts.append(per_channel)
-            totals.append(total)
-            if full:
-                self._restored_version[name] = layer.weight._version
-                self._full_counts[index] = (per_channel, total)
+            plan.append((index, complete_at))
+        outputs = self._graph.run(plan, thresholds, backend)
+        names = list(self.layers)
+        for (index, _), (per_channel, total) in zip(plan, outputs, strict=True):
+            counts[index], totals[index] = per_channel, total
+            layer = layers[index]
+            if layer.num_frozen == layer.weight.numel():
+                self._restored_version[names[index]] = layer.weight._version
+                self._full_counts[index] = (per_channel.clone(), total.clone())  # (a replay overwrites them)
         self._add_counters(totals)
         self._send(torch.cat(counts))
+
+    def _updates(
+        self, plan: list[tuple[int, int | None]], thresholds: torch.Tensor, backend: str
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Advance the step counters and update the layers of ``plan``: frozen weights per channel and in
+        all, per layer (device tensors)."""
+        config, layers = self.config, list(self.layers.values())
+        keep, observed = 1.0 - config.distance_momentum, config.distance_init == "observed"
+        torch._foreach_add_([layer.lts_step for layer in layers], 1)
+        outputs = []
+        for index, complete_at in plan:
+            layer = layers[index]
+            wq, channels = layer.weight_quantizer, layer.weight.shape[0]
+            args = (layer.weight.view(channels, -1).detach(), layer.lts_state.view(channels, -1).detach())
+            args += (
+                wq.scale.detach(),
+                layer.lts_held_scale,
+                layer.lts_step,
+                thresholds,
+                index,
+                keep,
+                observed,
+            )
+            outputs.append(_UPDATE(*args, wq.qmin, wq.qmax, complete_at, backend=backend))
+        return outputs
 
     def _threshold_table(self, device: torch.device) -> torch.Tensor:
         """``r(t)`` in fixed point for ``t = 0 … T`` on ``device`` (``-1`` during warm-up), computed by

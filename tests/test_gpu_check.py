@@ -33,7 +33,7 @@ def test_gpu_check_smoke_run_on_cpu(tmp_path):
         assert result[check] is True, check
     timings = result["timings"]
     assert set(timings) == {f"resnet18/{p}/{v}" for p in ("fp32", "bf16") for v in
-                            ("fp32", "qat", "lts", "lts-freezing", "lts-90%", "lts-100%")}  # fmt: skip
+                            ("fp32", "qat", "lts", "lts-freezing", "lts-90%", "lts-90%-channels", "lts-100%")}  # fmt: skip
     assert all("error" not in row and row["recompiles"] == 0 for row in timings.values()), timings
     assert timings["resnet18/fp32/lts-100%"]["frozen_ratio"] == 1.0
     assert 0 < timings["resnet18/fp32/lts-freezing"]["frozen_ratio"] <= 1

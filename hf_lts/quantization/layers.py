@@ -255,6 +255,13 @@ class QuantLayerMixin:
     #: do not repay (measured in benchmarks/speed.py).
     min_skipped_share = 0.25
 
+    #: The same off the CPU (compiled and eager backends): a GPU step of a few dozen layers at a batch of
+    #: 64 is bound by the host's kernel launches, and the skipped channels' slices and index kernels cost
+    #: more there than the arithmetic they save (ResNet-18 on an H200, 90 % of the channels skipped: 1.33 ×
+    #: the dense step, `benchmarks.gpu_check`); only a fully frozen layer skips its weight gradient, which
+    #: saves launches too.
+    min_skipped_share_device = 1.0
+
     def _refresh_active_channels(self, frozen_per_channel: torch.Tensor | None = None) -> None:
         """``_active_channels``: the output channels whose weight gradient the backward computes — those
         that still have a trainable weight, or ``None`` (all) while fewer than `min_skipped_share` have
@@ -291,7 +298,7 @@ class QuantLayerMixin:
         if active.size % 8:
             pad = np.flatnonzero(~trainable)[: 8 - active.size % 8]
             active = np.sort(np.concatenate([active, pad]))
-        if active.size and 1 - active.size / channels < self.min_skipped_share:
+        if active.size and 1 - active.size / channels < self.min_skipped_share_device:
             self._active_channels = None
             return
         active = torch.from_numpy(active)

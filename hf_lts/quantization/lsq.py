@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import functools
 import math
-import types
 from collections.abc import Callable
 
 import torch
@@ -45,21 +44,74 @@ SCALE_EPS = 1e-8
 _COMPILE_OPTIONS = {"emulate_precision_casts": True, "eager_numerics.division_rounding": True}
 
 
-def _compile(fn: Callable[..., object]) -> Callable[..., object]:
-    from torch._inductor import config
+#: Sizes of the inputs a kernel is traced with: distinct primes, so that no two sizes are equal by chance
+#: (a trace would assume it of every call).
+_PRIMES = (11, 13, 17, 19, 23, 29, 31, 37)
 
+
+def _example(args: list[object], dims: tuple[str, ...]) -> list[object]:
+    """Inputs like ``args`` (dtype, device, sizes 0 and 1) with every other size the prime of its name in
+    ``dims`` (a letter per dimension, ``"1"`` for a size of 1; one name, one size: equal by construction)."""
+    primes: dict[str, int] = {}
+    example: list[object] = []
+    for a, names in zip(args, dims[: len(args)], strict=True):  # (optional arguments last)
+        if not isinstance(a, torch.Tensor):
+            example.append(a)
+            continue
+        shape = [
+            size if size < 2 or name == "1" else primes.setdefault(name, _PRIMES[len(primes)])
+            for size, name in zip(a.shape, names, strict=True)
+        ]
+        make = torch.rand if a.is_floating_point() else torch.zeros
+        example.append(make(shape, dtype=a.dtype, device=a.device))
+    return example
+
+
+def _compile(fn: Callable[..., object], args: list[object]) -> Callable[..., object]:
+    """``fn`` compiled by Inductor for every call like ``args`` (`_variant`): traced with symbolic sizes
+    (each dimension a symbol of its own; the example of `_example`) and run without Dynamo. A Dynamo-compiled
+    function evaluates its guards and frame on every call (about 30 µs, three times the call itself, per
+    kernel and layer); this is Inductor's generated code alone. What it assumes is what `_variant` keys it
+    by and equalities of sizes that hold by construction (one step per row, a gradient shaped like its
+    input), which the generated code asserts."""
+    from torch._inductor import config
+    from torch.fx.experimental import _config as fx_config
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    positions = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor)]
+    single = False
+
+    def tensors_only(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        nonlocal single
+        full = list(args)
+        for i, t in zip(positions, tensors, strict=True):
+            full[i] = t
+        out = fn(*full)
+        single = isinstance(out, torch.Tensor)
+        return (out,) if single else tuple(out)
+
+    example = [args[i] for i in positions]
+    with fx_config.patch(use_duck_shape=False):
+        graph = make_fx(tensors_only, tracing_mode="symbolic")(*example)
     options = {k: v for k, v in _COMPILE_OPTIONS.items() if hasattr(config, k.split(".")[0])}
-    return torch.compile(fn, dynamic=True, fullgraph=True, options=options)
+    with config.patch(options):
+        compiled = torch._inductor.standalone_compile(graph, example, dynamic_shapes="from_graph")
+
+    def call(*all_args: object) -> object:
+        out = compiled(*[all_args[i] for i in positions])
+        return out[0] if single else tuple(out)
+
+    return call
 
 
 class Kernel:
     """A pure tensor function run by the backend `hf_lts.quantization.backend` chose: the native op
-    ``native`` (CPU), a `torch.compile` kernel (dynamic shapes: one serves every layer, bit width and batch
-    size), or eagerly.
+    ``native`` (CPU), an Inductor kernel (`_compile`: symbolic shapes, one serves every layer, bit width and
+    batch size), or eagerly.
 
     Arguments at the positions in ``scalars`` are Python numbers; the compiled kernel takes them as 0-d
-    tensors of the given dtype (one graph for every value; a tensor per position and value, since Dynamo
-    would recompile for two arguments that are one tensor). The native op writes the arguments at the
+    tensors of the given dtype (one kernel for every value). ``dims`` names each argument's dimensions
+    (`_example`; or makes the names from the arguments). The native op writes the arguments at the
     positions in ``mutates`` in place, and their version counters are bumped for it. Compiling is lazy
     (the first call) and shared by every caller; if it fails, `backend.demote` makes every later call
     eager, with the same results.
@@ -70,46 +122,67 @@ class Kernel:
         fn: Callable[..., object],
         native: str | None,
         scalars: dict[int, torch.dtype],
+        dims: tuple[str, ...] | Callable[[list[object]], tuple[str, ...]],
         mutates: tuple[int, ...] = (),
     ) -> None:
         self.fn, self.native, self.scalars, self.mutates = fn, native, scalars, mutates
-        self._compiled: dict[tuple[bool, ...], Callable[..., object]] = {}
+        self.dims = dims
+        self._compiled: dict[tuple[object, ...], Callable[..., object]] = {}
         functools.update_wrapper(self, fn)
+        Kernel.instances.append(self)
+
+    #: Every kernel (`compiled_kernels`).
+    instances: list[Kernel] = []
 
     def __call__(self, *args: object, backend: str) -> object:
-        # Under a dispatch mode (FlopCounterMode, fake tensors, …) a fused kernel does not run: eager, this once.
-        if backend == "eager" or _get_current_dispatch_mode() is not None:
+        # Under a dispatch mode (FlopCounterMode, fake tensors, …), or while Dynamo traces a model that calls
+        # the layers, the kernel is its math: run eagerly, or traced into the caller's graph.
+        if backend == "eager" or _get_current_dispatch_mode() is not None or torch.compiler.is_compiling():
             return self.fn(*args)
         if backend == "native":
             out = getattr(native.ops(), self.native)(*args)
             if self.mutates:
                 torch.autograd.graph.increment_version([args[i] for i in self.mutates])
             return out
-        # One compiled function per variant (1-D arguments of one element or more: per-tensor or per-channel
-        # steps; arguments given or None), each a code object of its own: Dynamo would otherwise count the
-        # first use of a variant, however late in a run, as a recompile of the other.
-        variant = tuple(
-            a.numel() == 1 if isinstance(a, torch.Tensor) and a.dim() == 1 else a is None for a in args
-        )
-        compiled = self._compiled.get(variant)
-        if compiled is None:
-            compiled = self._compiled[variant] = _compile(_copy(self.fn, len(self._compiled)))
         device = next(a.device for a in args if isinstance(a, torch.Tensor))
         tensors = [
             _scalar(a, self.scalars[i], device, i) if i in self.scalars and a is not None else a
             for i, a in enumerate(args)
         ]
+        key = _variant(tensors)
+        if key is None:  # a layout the compiled code does not take (`_variant`): the same math, eagerly
+            return self.fn(*args)
+        compiled = self._compiled.get(key)
         try:
+            if compiled is None:
+                dims = self.dims(tensors) if callable(self.dims) else self.dims
+                compiled = self._compiled[key] = _compile(self.fn, _example(tensors, dims))
             return compiled(*tensors)
         except Exception as err:  # a missing or broken compiler shows up at the first call
             backends.demote("compiled", err)
             return self.fn(*args)
 
 
-def _copy(fn: Callable[..., object], index: int) -> Callable[..., object]:
-    """``fn`` with a code object of its own (Dynamo keeps its compiled graphs per code object)."""
-    code = fn.__code__.replace(co_name=f"{fn.__name__}_{index}")
-    return types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__, fn.__closure__)
+def _variant(args: list[object]) -> tuple[object, ...] | None:
+    """What a compiled kernel is specialised on: each tensor's dtype, device and which of its sizes are 0
+    or 1 (the others are symbols), and the other arguments (``None``, constants). ``None`` where compiled
+    code cannot run: a non-contiguous tensor (the kernels index in memory order), or one of 2^31 elements
+    or more (32-bit indexing)."""
+    key: list[object] = []
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            if not a.is_contiguous() or a.numel() >= 1 << 31:
+                return None
+            key.append((a.dtype, a.device, *[min(size, 2) for size in a.shape]))
+        else:
+            key.append(a)
+    return tuple(key)
+
+
+def compiled_kernels() -> int:
+    """Kernels compiled so far in this process, each serving every shape of its variant: a count that grows
+    after a run's first steps is a recompile."""
+    return sum(len(kernel._compiled) for kernel in Kernel.instances)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -233,38 +306,39 @@ def _rescale_math(out, factor, bias):
     return y.to(out.dtype)
 
 
-# The cases with frozen values (one more input) as functions of their own: Dynamo caches compiled graphs
-# per code object, so each gets its kernel instead of a recompile of the other.
-def _fake_quant_frozen_math(x, scale, qmin, qmax, packed):
-    return _fake_quant_math(x, scale, qmin, qmax, packed)
-
-
-def _grad_frozen_math(x, scale, qmin, qmax, grad, packed):
-    return _grad_math(x, scale, qmin, qmax, grad, packed)
-
-
-def _layer_forward_frozen_math(x, x_scale, x_min, x_max, w, w_scale, w_min, w_max, packed):
-    return _layer_forward_math(x, x_scale, x_min, x_max, w, w_scale, w_min, w_max, packed)
-
-
 _BOUNDS = {2: torch.float32, 3: torch.float32}  # (Qn, Qp) of the first tensor; one kernel, every bit width
 _LAYER_BOUNDS = {**_BOUNDS, 6: torch.float32, 7: torch.float32}  # and of the weight
+
+
+def _broadcast_dims(args: list[object]) -> tuple[str, ...]:
+    """`_rescale_math`'s dimension names: the output's, and the factor and bias broadcast over it."""
+    out = args[0]
+    names = "abcd"[: out.dim()]
+
+    def over(t: object) -> str:
+        if not isinstance(t, torch.Tensor):
+            return ""
+        lead = out.dim() - t.dim()
+        return "".join(names[lead + i] if s == out.shape[lead + i] else "1" for i, s in enumerate(t.shape))
+
+    return (names, over(args[1]), over(args[2]))
+
+
+_X, _G = ("RK", "R", "", ""), ("RK",)  # a tensor as rows, its steps and bounds; a gradient like it
+_W = ("QL", "Q", "", "")  # a weight (the second tensor of a layer's kernels)
 
 #: The fused kernels; each serves every shape, bit width and layer.
 _KERNELS = {
     name: Kernel(fn, *spec)
     for name, fn, *spec in (
-        ("fake_quant", _fake_quant_math, "fake_quant", _BOUNDS),
-        ("fake_quant_frozen", _fake_quant_frozen_math, "fake_quant", _BOUNDS),
-        ("grad", _grad_math, "grad", _BOUNDS),
-        ("grad_frozen", _grad_frozen_math, "grad", _BOUNDS),
-        ("layer_forward", _layer_forward_math, "layer_forward", _LAYER_BOUNDS),
-        ("layer_forward_frozen", _layer_forward_frozen_math, "layer_forward", _LAYER_BOUNDS),
-        ("layer_levels", _layer_levels_math, None, _LAYER_BOUNDS),
-        ("grad_rows", _grad_rows_math, "grad_rows", _BOUNDS),
-        ("input_grad", _input_grad_math, "input_grad", _BOUNDS, (4,)),
-        ("input_step_terms", _input_step_terms_math, "input_step_terms", _BOUNDS),
-        ("rescale", _rescale_math, None, {}),
+        ("fake_quant", _fake_quant_math, "fake_quant", _BOUNDS, (*_X, "RK")),
+        ("grad", _grad_math, "grad", _BOUNDS, (*_X, *_G, "RK")),
+        ("layer_forward", _layer_forward_math, "layer_forward", _LAYER_BOUNDS, (*_X, *_W, "QL")),
+        ("layer_levels", _layer_levels_math, None, _LAYER_BOUNDS, (*_X, *_W, "QL", "")),
+        ("grad_rows", _grad_rows_math, "grad_rows", _BOUNDS, (*_X, "NK", "RK", "N")),
+        ("input_grad", _input_grad_math, "input_grad", _BOUNDS, (*_X, *_G), (4,)),
+        ("input_step_terms", _input_step_terms_math, "input_step_terms", _BOUNDS, _X),
+        ("rescale", _rescale_math, None, {}, _broadcast_dims),
     )
 }
 
@@ -328,10 +402,7 @@ def _quantized(
 
 def _run(name: str, args: list[torch.Tensor], packed: torch.Tensor | None, backend: str):
     if packed is not None:
-        name, args = (
-            f"{name}_frozen",
-            [*args, _flat(packed) if backend == "native" else _rows(packed, True)],
-        )
+        args = [*args, _flat(packed) if backend == "native" else _rows(packed, True)]
     return _KERNELS[name](*args, backend=backend)
 
 
@@ -386,7 +457,8 @@ def lsq_backward_rows(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`lsq_backward` of a weight whose output channels other than ``rows`` are fully frozen, from the
     gradient of those rows only (``grad_rows``): the frozen rows are not read, their gradients are zero."""
-    args = [_rows(w, True), _flat(scale).float(), qmin, qmax, _flat(grad_rows)]
+    g = _flat(grad_rows) if backend == "native" else _rows(grad_rows, True)
+    args = [_rows(w, True), _flat(scale).float(), qmin, qmax, g]
     packed = _flat(packed) if backend == "native" else _rows(packed, True)
     grad_w, partial = _KERNELS["grad_rows"](*args, packed, rows, backend=backend)
     return grad_w.view(w.shape), _per_step(partial, scale) * grad_factor
@@ -411,7 +483,7 @@ def layer_levels(
     x_range: tuple[torch.Tensor, int, int],
     w: torch.Tensor,
     w_range: tuple[torch.Tensor, int, int],
-    packed: torch.Tensor,
+    packed: torch.Tensor | None,
     dtype: torch.dtype,
     backend: str,
 ) -> tuple[torch.Tensor, ...]:
@@ -421,7 +493,8 @@ def layer_levels(
         "eager" if backend == "native" else backend
     )  # (no native kernel: low precision is off the CPU path)
     args = [*_quantized(x, *x_range, backend, False), *_quantized(w, *w_range, backend, True)]
-    xq, wq, rx, rw, w_hat = _KERNELS["layer_levels"](*args, _rows(packed, True), dtype, backend=backend)
+    packed = None if packed is None else _rows(packed, True)
+    xq, wq, rx, rw, w_hat = _KERNELS["layer_levels"](*args, packed, dtype, backend=backend)
     return _shaped(xq, x), wq.view(w.shape), rx, rw, w_hat.view(w.shape)
 
 
