@@ -12,8 +12,8 @@ from transformers import ResNetConfig, ResNetForImageClassification
 
 from hf_lts import LotteryTicketScratcher, LTSConfig, QuantConv2d, QuantLinear, prepare_model
 from hf_lts.quantization import backend as backends
-from hf_lts.quantization import lsq, quantized_layers
-from hf_lts.quantization.lsq import compiled_kernels
+from hf_lts.quantization import fused, lsq, quantized_layers
+from hf_lts.quantization.kernel import compiled_kernels
 
 #: Ops that make a host wait for the device: a read of a value, or a result whose size depends on values.
 SYNCING_OPS = {"_local_scalar_dense", "nonzero", "item", "is_nonzero", "equal", "unique", "masked_select"}
@@ -147,7 +147,7 @@ def test_autocast_convolves_the_exact_levels(backend, kind):
         layer.freeze_(torch.rand_like(layer.weight) < 0.3)
         reference = layer(x).detach()
         aq, wq = layer.input_quantizer, layer.weight_quantizer
-        x_c, w_c, rx, rw, _ = lsq.layer_levels(
+        x_c, w_c, rx, rw, _ = fused.layer_levels(
             x, (aq.scale, aq.qmin, aq.qmax), layer.weight, (wq.scale, wq.qmin, wq.qmax), layer.lts_state,
             torch.bfloat16, backend,
         )  # fmt: skip
@@ -192,7 +192,7 @@ def test_autocast_training_keeps_the_levels_of_the_float32_layers():
         tensors, _ = export_state_dict(model)
         for name, layer in layers.items():  # the levels the last bf16 forward convolved are the export's
             wq = layer.weight_quantizer
-            levels = lsq.layer_levels(
+            levels = fused.layer_levels(
                 torch.ones(1, 1), (layer.input_quantizer.scale, 0, 1), layer.weight, (wq.scale, wq.qmin, wq.qmax),
                 layer.lts_state, torch.bfloat16, "compiled",
             )  # fmt: skip
@@ -219,7 +219,7 @@ def test_channels_last_models_train_without_converting_the_state(backend):
                 step(model, optimizer, scratcher, x.to(memory_format=layout), y)
             results.append({k: v.float() for k, v in model.state_dict().items()})
     x = torch.randn(2, 8, 5, 5).to(memory_format=torch.channels_last)
-    assert lsq._rows(x, False).data_ptr() == x.data_ptr()  # a view: no copy of the activation
+    assert fused._rows(x, False).data_ptr() == x.data_ptr()  # a view: no copy of the activation
     for key in results[0]:
         torch.testing.assert_close(results[1][key], results[0][key], rtol=1e-4, atol=1e-5, msg=key)
 

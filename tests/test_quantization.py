@@ -409,14 +409,14 @@ def test_native_layer_node_is_bit_identical_to_the_python_function(
     monkeypatch, kind, per_channel, frozen, input_grad
 ):
     """On a CPU a layer's forward and backward run as one C++ autograd node (``hf_lts::quant_layer``); it
-    computes what `_QuantizedOp` computes, every output and gradient bit for bit (the first layer's pixels,
+    computes what `QuantizedOp` computes, every output and gradient bit for bit (the first layer's pixels,
     which need no gradient, included)."""
     layer, x = _layer(kind, 4, per_channel, frozen)
     x = x.relu().requires_grad_(input_grad)
     with torch.profiler.profile() as prof:
         node = _grads(layer, x)
     assert "hf_lts::quant_layer" in {event.name for event in prof.events()}
-    monkeypatch.setattr(layer_module, "_native_layer_ops", lambda *args: None)
+    monkeypatch.setattr(layer_module, "native_layer_ops", lambda *args: None)
     function = _grads(layer, x)
     for name, value in node.items():
         assert value is None and function[name] is None or torch.equal(value, function[name]), name
@@ -453,7 +453,7 @@ def test_stragglers_gradient_is_computed_for_them_only(monkeypatch, module, shap
     weight_backward = [e for e in prof.events() if e.name in ("aten::convolution_backward", "aten::mm")]
     # the input gradient's (and a convolution's bias gradient's) only
     assert len(weight_backward) == (1 if cls is QuantLinear else 1 + (layer.bias is not None))
-    monkeypatch.setattr(layer_module, "_native_layer_ops", lambda *args: None)
+    monkeypatch.setattr(layer_module, "native_layer_ops", lambda *args: None)
     dense = _grads(layer, x)
     assert not layer._stragglers
     assert not stragglers["weight"][layer.frozen_mask].any()

@@ -43,6 +43,7 @@ from ..config import LTSConfig
 from ..quantization.layers import QuantLayerMixin
 from ..quantization.lsq import SCALE_EPS, quantize_levels, signed_range
 from ..quantization.prepare import layer_bits, quantized_layers
+from ..quantization.stats import layer_stats
 
 PACKED_FORMAT = "packed-v1"
 #: Buffers of a quantized layer that only training needs (see `hf_lts.quantization.layers`).
@@ -128,7 +129,6 @@ def checked_layers(model: nn.Module) -> dict[str, QuantLayerMixin]:
 
 
 def _stats_summary(model: nn.Module) -> dict[str, Any]:
-    from ..scratcher import layer_stats  # the scratcher imports the layers, not this module
 
     stats = layer_stats(quantized_layers(model))
     stats.pop("total_steps", None)  # a setting of the scratcher, not a property of the model

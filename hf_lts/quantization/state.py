@@ -40,7 +40,7 @@ def bfloat16_bits(x: torch.Tensor) -> torch.Tensor:
     """The bfloat16 bits (in ``[0, 2^16)``, int32) of float32 ``x`` rounded to nearest even.
 
     Integer arithmetic on the float's bits, as ``x.to(torch.bfloat16)`` rounds finite values: unlike a
-    bfloat16 view it vectorises when compiled (`hf_lts.scratcher.update_layer_state`).
+    bfloat16 view it vectorises when compiled (`hf_lts.update.update_layer_state`).
     """
     bits = x.float().view(torch.int32)
     return ((bits + (0x7FFF + ((bits >> 16) & 1))) >> 16) & LATENT_MASK
