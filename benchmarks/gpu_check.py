@@ -2,6 +2,7 @@
 
     python -m benchmarks.gpu_check                   # on a CUDA machine
     python -m benchmarks.gpu_check --device cpu --image-size 32 --batch 4 --steps 2 --tiny   # smoke run
+    python -m benchmarks.gpu_check --profile         # and where a QAT step's host time goes
 
 On synthetic data (nothing is downloaded), for ResNet-18 and MobileNetV2 at 224 px, batch 64:
 
@@ -13,7 +14,10 @@ On synthetic data (nothing is downloaded), for ResNet-18 and MobileNetV2 at 224 
 - step times (forward + backward + optimizer + scratcher, CUDA events over the timed steps) in float32 and
   under bf16 autocast of fp32, QAT, LTS bookkeeping (nothing frozen), a real freezing-phase step (channel
   completion 0.6, observed start), 90 % and 100 % of the output channels frozen; each as a ratio to QAT;
-- host synchronisations of one freezing-phase step (``torch.cuda.set_sync_debug_mode``) and peak memory.
+- host synchronisations of one freezing-phase step (``torch.cuda.set_sync_debug_mode``) and peak memory;
+- the scratcher's CUDA graph against its eager updates, bit for bit;
+- with two or more GPUs (or ``--ddp``, gloo on the CPU), two DDP processes of a freezing run: every rank
+  ends with the same state, with the frozen-aware communication hook off and on.
 
 It prints one JSON line and a table (``--output`` writes the JSON too).
 """
@@ -22,6 +26,8 @@ from __future__ import annotations
 
 import argparse
 import copy
+import datetime
+import hashlib
 import json
 import time
 import traceback
@@ -39,7 +45,7 @@ from transformers import (
 from hf_lts import LotteryTicketScratcher, LTSConfig, QuantConv2d, prepare_model
 from hf_lts.quantization import backend as backends
 from hf_lts.quantization import quantized_layers
-from hf_lts.quantization.lsq import compiled_kernels
+from hf_lts.quantization.kernel import compiled_kernels
 
 VARIANTS = ("fp32", "qat", "lts", "lts-freezing", "lts-90%", "lts-90%-channels", "lts-100%")
 
@@ -239,6 +245,77 @@ def graph_equals_eager(args, device: torch.device) -> dict:
     return {"graph_equals_eager": same, "graph_frozen_ratio": scratchers[0].stats()["frozen_ratio"]}
 
 
+def _ddp_worker(rank: int, world: int, store: str, hook: bool, args, out: str) -> None:
+    """One rank of `ddp_check`: a freezing LTS run under DDP (deterministic kernels), its state's digest."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from hf_lts.distributed import register_frozen_aware_hook
+
+    cuda = args.device == "cuda"
+    dist.init_process_group(
+        "nccl" if cuda else "gloo", init_method=f"file://{store}", rank=rank, world_size=world,
+        timeout=datetime.timedelta(minutes=5),  # a failed peer is an error, not a hang
+    )  # fmt: skip
+    device = torch.device("cuda", rank) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    config = LTSConfig(
+        weight_bits=4,
+        activation_bits=4,
+        channel_completion=0.6,
+        distance_init="observed",
+        freeze_warmup_ratio=0.0,
+    )
+    model = prepare_model(build("resnet18", args.tiny), config).to(device).train()
+    ddp = DistributedDataParallel(model, device_ids=[rank] if cuda else None)
+    traffic = register_frozen_aware_hook(ddp) if hook else None
+    steps = 12
+    scratcher = LotteryTicketScratcher(model, total_steps=steps)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    g = torch.Generator().manual_seed(100 + rank)
+    for _ in range(steps):
+        x = torch.randn(8, 3, 64, 64, generator=g).to(device)
+        y = torch.randint(0, 2, (8,), generator=g).to(device)
+        ddp(pixel_values=x, labels=y).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        scratcher.step()
+    digest = hashlib.sha256()
+    for key, value in model.state_dict().items():
+        if "running_" not in key and "num_batches_tracked" not in key:  # (BatchNorm statistics are per rank)
+            digest.update(key.encode() + value.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
+    result = {"digest": digest.hexdigest(), "frozen_ratio": scratcher.stats()["frozen_ratio"]}
+    if traffic is not None:
+        result["bytes_sent_share"] = traffic.bytes_sent / max(1, traffic.bytes_default)
+    with open(f"{out}/rank{rank}-hook{int(hook)}.json", "w") as f:
+        json.dump(result, f)
+    dist.destroy_process_group()
+
+
+def ddp_check(args) -> dict:
+    """Two processes (NCCL on two GPUs; gloo on the CPU for a smoke run) train the same freezing LTS run with
+    the frozen-aware communication hook off and on: every rank ends with the same state, bit for bit, and
+    so does the run with the hook (which skips fully frozen layers' zero gradients)."""
+    import tempfile
+
+    from torch import multiprocessing
+
+    runs = {}
+    for hook in (False, True):
+        with tempfile.TemporaryDirectory() as tmp:
+            multiprocessing.spawn(_ddp_worker, (2, f"{tmp}/store", hook, args, tmp), nprocs=2)
+            runs[hook] = [json.load(open(f"{tmp}/rank{r}-hook{int(hook)}.json")) for r in range(2)]
+    digests = {hook: {rank["digest"] for rank in ranks} for hook, ranks in runs.items()}
+    return {
+        "ddp_ranks_identical": all(len(d) == 1 for d in digests.values()),
+        "ddp_hook_identical": digests[False] == digests[True],
+        "ddp_frozen_ratio": runs[True][0]["frozen_ratio"],
+        "ddp_hook_bytes_share": runs[True][0]["bytes_sent_share"],
+    }
+
+
 def profile(args, device: torch.device) -> str:
     """Where a QAT step's host time goes (ResNet-18, float32): the profiler's table of 3 steps."""
     model, optimizer, scratcher = variant("resnet18", "qat", args, device)
@@ -285,6 +362,9 @@ def main() -> None:
     parser.add_argument("--models", default="resnet18,mobilenet_v2")
     parser.add_argument("--output", default=None)
     parser.add_argument("--profile", action="store_true", help="print where a QAT step's host time goes")
+    parser.add_argument(
+        "--ddp", action="store_true", help="run the 2-process DDP check (on by itself with 2 or more GPUs)"
+    )
     args = parser.parse_args()
     device = torch.device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
@@ -297,6 +377,11 @@ def main() -> None:
         result.update(graph_equals_eager(args, device))
     except Exception:
         result["graph_error"] = traceback.format_exc()[-2000:]
+    if args.ddp or device.type == "cuda" and torch.cuda.device_count() >= 2:
+        try:
+            result.update(ddp_check(args))
+        except Exception:
+            result["ddp_error"] = traceback.format_exc()[-2000:]
     if args.profile:
         print(profile(args, device), flush=True)
     result["timings"] = {}
@@ -321,7 +406,9 @@ def main() -> None:
         with open(args.output, "w") as f:
             f.write(line + "\n")
     checks = ("frozen_exact", "frozen_grads_zero", "full_layer_grad_skipped", "compiled_equals_eager")
-    checks += ("graph_equals_eager",)
+    checks += ("graph_equals_eager",) + (
+        ("ddp_ranks_identical", "ddp_hook_identical") if "ddp_frozen_ratio" in result else ()
+    )
     if not all(result.get(k) for k in checks):
         raise SystemExit("exactness check failed")
 

@@ -1,10 +1,13 @@
 """The GPU check script must keep running: a CPU smoke run on a tiny model, through the GPU's compiled path."""
 
+import argparse
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 
 def test_gpu_check_smoke_run_on_cpu(tmp_path):
@@ -37,3 +40,13 @@ def test_gpu_check_smoke_run_on_cpu(tmp_path):
     assert all("error" not in row and row["recompiles"] == 0 for row in timings.values()), timings
     assert timings["resnet18/fp32/lts-100%"]["frozen_ratio"] == 1.0
     assert 0 < timings["resnet18/fp32/lts-freezing"]["frozen_ratio"] <= 1
+
+
+@pytest.mark.slow
+def test_ddp_check_runs_on_two_cpu_processes():
+    """The GPU check's 2-process part, over gloo: both ranks and both hook settings end in one state."""
+    from benchmarks.gpu_check import ddp_check
+
+    result = ddp_check(argparse.Namespace(device="cpu", tiny=True))
+    assert result["ddp_ranks_identical"] and result["ddp_hook_identical"], result
+    assert result["ddp_frozen_ratio"] > 0.5 and result["ddp_hook_bytes_share"] < 1.0
