@@ -1,7 +1,7 @@
 """The packed low-bit export of LTS models: integer codes in safetensors.
 
-``model.save_pretrained(dir)`` of a prepared model (`prepare_model` attaches the ``"lts"`` quantizer of
-`hf_lts.quantizers` as ``model.hf_quantizer``) writes ``config.json`` with the `LTSConfig` as
+``model.save_pretrained(dir)`` of a prepared model (`prepare_model` attaches the ``"lts"`` quantizer that
+`hf_lts.quantizers` registers with transformers as ``model.hf_quantizer``) writes ``config.json`` with the `LTSConfig` as
 ``quantization_config`` and a ``model.safetensors`` (header metadata ``lts_format = "packed-v1"``) holding,
 for every quantized layer:
 
@@ -43,6 +43,7 @@ from ..config import LTSConfig
 from ..quantization.layers import QuantLayerMixin
 from ..quantization.lsq import SCALE_EPS, quantize_levels, signed_range
 from ..quantization.prepare import layer_bits, quantized_layers
+from ..scratcher import layer_stats
 
 PACKED_FORMAT = "packed-v1"
 #: Buffers of a quantized layer that only training needs (see `hf_lts.quantization.layers`).
@@ -128,8 +129,6 @@ def checked_layers(model: nn.Module) -> dict[str, QuantLayerMixin]:
 
 
 def _stats_summary(model: nn.Module) -> dict[str, Any]:
-    from ..scratcher import layer_stats  # the scratcher imports the layers, not this module
-
     stats = layer_stats(quantized_layers(model))
     stats.pop("total_steps", None)  # a setting of the scratcher, not a property of the model
     return stats

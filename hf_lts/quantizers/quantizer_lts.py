@@ -54,13 +54,6 @@ def training_state(model: nn.Module) -> Iterator[None]:
             model.save_pretrained = own
 
 
-def attach_quantizer(model: nn.Module) -> None:
-    """Give a prepared transformers model the LTS quantizer as ``model.hf_quantizer``, as `from_pretrained`
-    does for a loaded one, so that ``save_pretrained`` writes the packed export (`prepare_model` calls it)."""
-    if not isinstance(getattr(model, "hf_quantizer", None), LTSHfQuantizer):
-        model.hf_quantizer = LTSHfQuantizer(model.lts_config, pre_quantized=False)
-
-
 @register_quantizer("lts")
 class LTSHfQuantizer(HfQuantizer):
     """Plugs LTS into ``from_pretrained``/``save_pretrained`` (registered as ``quant_method="lts"``).
