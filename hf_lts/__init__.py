@@ -7,7 +7,8 @@ from .config import LTSConfig
 from .export.onnx import export_onnx
 from .quantization import QuantConv2d, QuantLinear, prepare_model
 from .scratcher import LotteryTicketScratcher
-from .trainer import LTSTrainer, LTSTrainingArguments
+from .trainer import LTSTrainer
+from .training_args import LTSTrainingArguments
 
 __version__ = version("hf-lts")  # one source: pyproject.toml
 

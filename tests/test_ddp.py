@@ -2,7 +2,6 @@
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -10,8 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers.ports import free_port
 
-WORKER = str(Path(__file__).with_name("ddp_worker.py"))
+WORKER = str(Path(__file__).parent / "helpers" / "ddp_worker.py")
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -19,12 +19,6 @@ def run(cmd: list[str], cwd: Path) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
-
-
-def free_port() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return str(s.getsockname()[1])
 
 
 def torchrun(*args: str) -> list[str]:

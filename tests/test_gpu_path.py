@@ -5,7 +5,7 @@ import warnings
 
 import pytest
 import torch
-from tiny_models import tiny_mobilenet, tiny_resnet
+from helpers.tiny_models import tiny_mobilenet, tiny_resnet
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import ResNetConfig, ResNetForImageClassification

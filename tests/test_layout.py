@@ -85,3 +85,25 @@ def test_modules_stay_readable() -> None:
     ]
     sizes = {p.relative_to(PACKAGE).as_posix(): len(p.read_text().splitlines()) for p in sources}
     assert not {name: n for name, n in sizes.items() if n > MAX_LINES}
+
+
+def test_the_kernels_constants_are_the_python_ones() -> None:
+    """``csrc/constants.h`` copies constants of the Python side, each line naming the one it copies."""
+    import math
+    import re
+
+    from hf_lts import scratcher
+    from hf_lts.quantization import lsq, state
+
+    modules = {"lsq": lsq, "state": state, "scratcher": scratcher}
+    header = (PACKAGE / "quantization" / "csrc" / "constants.h").read_text()
+    values: dict[str, float] = {}
+    checked = 0
+    for name, expr, source in re.findall(r"constexpr \w+ (k\w+) = (.+?);(?:\s*// (\w+\.\w+))?", header):
+        expr = re.sub(r"static_cast<float>\((\w+)\)", r"\1", expr)
+        values[name] = eval(re.sub(r"(\d)f\b", r"\1", expr), {}, dict(values))  # noqa: S307 (our own header)
+        if source:
+            module, attr = source.split(".")
+            assert math.isclose(values[name], getattr(modules[module], attr), rel_tol=1e-7), source
+            checked += 1
+    assert checked == 7

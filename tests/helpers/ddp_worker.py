@@ -29,9 +29,8 @@ from torch import nn
 from transformers import TrainerCallback
 from transformers.modeling_outputs import ImageClassifierOutput
 
-sys.path.insert(0, os.path.dirname(__file__))
-from tiny_models import tiny_resnet  # noqa: E402
-
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/, for helpers
+from helpers.tiny_models import tiny_resnet  # noqa: E402
 from hf_lts import LTSConfig, LTSTrainer, LTSTrainingArguments  # noqa: E402
 
 
