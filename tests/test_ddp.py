@@ -4,7 +4,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -136,9 +135,7 @@ def test_dead_rank_mid_checkpoint_fails_clearly_and_the_last_complete_checkpoint
         for r in (0, 1)
     ]
     assert procs[0].wait(timeout=300) == -9
-    killed_at = time.monotonic()
-    survivor_err = procs[1].communicate(timeout=90)[1]
-    assert time.monotonic() - killed_at < 60
+    survivor_err = procs[1].communicate(timeout=90)[1]  # a hang times out here: ddp_timeout is 60 s
     assert procs[1].returncode == 1
     assert (
         "RuntimeError: Rank 1: another process of the run stopped responding" in survivor_err

@@ -110,14 +110,16 @@ class LTSHfQuantizer(HfQuantizer):
             raise LTSCheckpointError("LTS checkpoints load from safetensors files (no state_dict argument).")
         header = Header(checkpoint_files)
         header.rename(loaded_key_renamer(model, self))
-        packed = header.metadata.get("lts_format")
-        if packed not in (None, PACKED_FORMAT):
-            raise LTSCheckpointError(f"Unknown LTS checkpoint format {packed!r}: upgrade hf-lts to load it.")
+        export_format = header.metadata.get("lts_format")
+        if export_format not in (None, PACKED_FORMAT):
+            raise LTSCheckpointError(
+                f"Unknown LTS checkpoint format {export_format!r}: upgrade hf-lts to load it."
+            )
         config = self.quantization_config
-        if packed:
+        if export_format:
             plan = {name: bits for name, bits in layer_bits(model, config).items() if bits is not None}
             self._check_recorded_bits(header, plan)
-        self._placeholders = replace_with_placeholders(model, config, header, bool(packed))
+        self._placeholders = replace_with_placeholders(model, config, header, bool(export_format))
         # The other tensors: transformers would only warn about a missing one, and initialise it at random.
         # (Not those transformers saves fused with others: the file holds them under the fused key.)
         converted = converted_key_test(model)
