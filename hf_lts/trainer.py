@@ -40,8 +40,8 @@ from .export import ONNX_FILE
 from .export.onnx import refresh_onnx
 from .hub import push_export, upload_errors
 from .metrics import compute_metrics as accuracy_metrics
+from .optimizer import group_step_sizes, no_decay_parameter_names
 from .quantization import prepare_model
-from .quantization.lsq import ActivationFakeQuantizer, WeightFakeQuantizer
 from .quantizers import training_state
 from .resilience import (
     background_push,
@@ -64,8 +64,6 @@ LOGGED_STATS = (
     "backward_flops_saved",
     "backward_flops_saved_realised",
 )
-_NORM_LAYERS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
-_QUANTIZERS = (WeightFakeQuantizer, ActivationFakeQuantizer)
 
 
 def _default_collator():
@@ -190,12 +188,7 @@ class LTSTrainer(Trainer):
     def get_decay_parameter_names(self, model: nn.Module) -> list[str]:
         """Transformers' choice (no biases, no LayerNorm) minus every norm layer (BatchNorm included, whose HF
         names such as ``normalization`` escape transformers' patterns) and the LSQ step sizes."""
-        excluded = {
-            f"{module_name}.{name}" if module_name else name
-            for module_name, module in model.named_modules()
-            if isinstance(module, _NORM_LAYERS + _QUANTIZERS)
-            for name, _ in module.named_parameters(recurse=False)
-        }
+        excluded = set(no_decay_parameter_names(model))
         return [n for n in super().get_decay_parameter_names(model) if n not in excluded]
 
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
@@ -207,21 +200,9 @@ class LTSTrainer(Trainer):
         if self.optimizer is not None:  # passed in by the user: theirs to group
             return super().create_optimizer(model)
         optimizer = super().create_optimizer(model)
-        opt_model = self.model if model is None else model
-        scales = [
-            p
-            for module in opt_model.modules()
-            if isinstance(module, _QUANTIZERS)
-            for p in module.parameters(recurse=False)
-            if p.requires_grad
-        ]
-        ids = {id(p) for p in scales}
-        for group in optimizer.param_groups:
-            group["params"] = [p for p in group["params"] if id(p) not in ids]
         lr = getattr(self.args, "quantizer_learning_rate", None)
-        optimizer.add_param_group(
-            {"params": scales, "lr": self.args.learning_rate if lr is None else lr, "weight_decay": 0.0}
-        )
+        lr = self.args.learning_rate if lr is None else lr
+        group_step_sizes(optimizer, self.model if model is None else model, lr)
         return optimizer
 
     # -- logging -----------------------------------------------------------------------------------------
