@@ -1,4 +1,4 @@
-"""Accuracy of LTS against plain LSQ QAT and fp32 on Fashion-MNIST (issue #7).
+"""Accuracy of LTS against plain LSQ QAT and fp32 on Fashion-MNIST.
 
     python -m benchmarks.accuracy --quick      # the whole grid on 10k images, 300 + 150 steps
     python -m benchmarks.accuracy              # the full budget: 60k images, 1,000 + 600 steps
@@ -11,9 +11,8 @@ checkpoint at W2A2 and W4A4, once as plain LSQ QAT (``LTSConfig(freeze=False)``)
 schedule, warm-up 0.2, momentum 0.99), both through `LTSTrainer` with the same hyperparameters, seed and
 hence the same data order and augmentations (LTS's stochastic rounding uses a counter hash, not the global
 RNG). Each run becomes one JSON record (``--output``), with its frozen-ratio history from the Trainer's log.
-The markdown table, the plots (``benchmarks/results/``) and the "Accuracy" section of
-``benchmarks/README.md`` are rebuilt from the JSON files of every mode present, so a quick run and a full run
-show side by side; ``--from-json`` rebuilds them without training (e.g. after running models or seeds as
+The markdown table with the target checks and the plots (``benchmarks/results/accuracy_<mode>.*``) are
+rebuilt from the records; ``--from-json`` rebuilds them without training (e.g. after running models or seeds as
 parallel processes, or to add ablation records). Ablations (``--lts-option KEY=VALUE``) appear as extra rows
 labelled with their overrides and are left out of the target checks; ``--fp-cache`` lets them reuse the fp32
 checkpoints. One intra-op thread per process (``--threads``): these models are too small for threads to pay,
@@ -25,24 +24,17 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import re
 import shlex
 import statistics
 import sys
 import tempfile
-import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 from transformers import (
-    MobileNetV2Config,
-    MobileNetV2ForImageClassification,
     PrinterCallback,
-    ResNetConfig,
-    ResNetForImageClassification,
     Trainer,
     TrainingArguments,
 )
@@ -51,66 +43,12 @@ from hf_lts import LTSConfig, LTSTrainer, LTSTrainingArguments
 from hf_lts.data import FASHION_MNIST_DIR, collate_fn, label_maps, load_image_dataset, prepare_dataset
 from hf_lts.metrics import compute_metrics
 
+from .common import BUDGETS, SMALL_MODELS, Budget, small_model, timed, training_args
+
 RESULTS_DIR = Path(__file__).parent / "results"
-README = Path(__file__).parent / "README.md"
-NOTES = RESULTS_DIR / "accuracy_notes.md"  # hand-written analysis, kept across reruns
-START, END = "<!-- accuracy:start -->", "<!-- accuracy:end -->"
-MODELS = ("resnet18", "mobilenet_v2")
+MODELS = SMALL_MODELS
 METHODS = ("fp", "qat", "lts")
 MACHINE = "2-core x86 CPU shared with other jobs, torch {torch} (CPU), 1 intra-op thread per process"
-
-
-@dataclass(frozen=True)
-class Budget:
-    """How much data and how many optimizer steps a mode spends; QAT and LTS runs share all of it."""
-
-    dataset: str
-    train_samples: int | None
-    eval_samples: int | None
-    image_size: int
-    batch_size: int
-    fp_steps: int
-    qat_steps: int
-    fp_lr: float = 0.1
-    qat_lr: float = 0.01
-    fp_weight_decay: float = 1e-4
-    qat_weight_decay: float = 5e-5
-    log_points: int = 40  # frozen-ratio samples per run
-
-
-BUDGETS = {
-    "smoke": Budget("digits", 256, 128, 16, 32, fp_steps=4, qat_steps=5, log_points=5),
-    "quick": Budget("fashion_mnist", 10_000, 2_000, 28, 64, fp_steps=300, qat_steps=150),
-    "full": Budget("fashion_mnist", None, None, 28, 64, fp_steps=1_000, qat_steps=600),
-}
-
-
-def build_model(name: str, num_labels: int, image_size: int) -> nn.Module:
-    """ResNet-18 layout (basic blocks, depths 2-2-2-2) at 1/4 width, or MobileNetV2 at 0.35 width.
-
-    MobileNetV2 keeps its last convolution narrow too (``finegrained_output=False``; 1,280 channels would
-    dominate the cost) and drops out 0.2 instead of 0.8, which suits a short training run.
-    """
-    if name == "resnet18":
-        config = ResNetConfig(
-            layer_type="basic", depths=[2, 2, 2, 2], hidden_sizes=[16, 32, 64, 128], embedding_size=16
-        )
-        return ResNetForImageClassification(_with_labels(config, num_labels))
-    if name == "mobilenet_v2":
-        config = MobileNetV2Config(
-            depth_multiplier=0.35,
-            finegrained_output=False,
-            classifier_dropout_prob=0.2,
-            tf_padding=False,
-            image_size=image_size,
-        )
-        return MobileNetV2ForImageClassification(_with_labels(config, num_labels))
-    raise ValueError(f"unknown model {name!r}: use one of {MODELS}")
-
-
-def _with_labels(config: Any, num_labels: int) -> Any:
-    config.num_labels = num_labels
-    return config
 
 
 def load_data(budget: Budget, data_dir: Path) -> tuple[Any, Any, int]:
@@ -128,29 +66,6 @@ def load_data(budget: Budget, data_dir: Path) -> tuple[Any, Any, int]:
     train = prepare_dataset(data["train"], budget.image_size, train=True)
     evaluation = prepare_dataset(data["validation"], budget.image_size, train=False)
     return train, evaluation, len(label_maps(data)[0])
-
-
-def _training_args(cls: type, output_dir: str, budget: Budget, seed: int, quantized: bool) -> Any:
-    steps = budget.qat_steps if quantized else budget.fp_steps
-    return cls(
-        output_dir=output_dir,
-        max_steps=steps,
-        per_device_train_batch_size=budget.batch_size,
-        per_device_eval_batch_size=256,
-        optim="sgd",
-        optim_args="momentum=0.9",
-        learning_rate=budget.qat_lr if quantized else budget.fp_lr,
-        weight_decay=budget.qat_weight_decay if quantized else budget.fp_weight_decay,
-        lr_scheduler_type="cosine",
-        logging_steps=max(1, steps // budget.log_points),
-        eval_strategy="no",
-        save_strategy="no",
-        report_to="none",
-        seed=seed,
-        dataloader_pin_memory=False,
-        disable_tqdm=True,
-        use_cpu=True,
-    )
 
 
 def _record(
@@ -204,23 +119,23 @@ def run_grid(
             for seed in seeds:
                 cache = fp_cache / f"{mode}-{model_name}-seed{seed}.pt" if fp_cache is not None else None
                 if cache is not None and cache.exists():
-                    fp_model = build_model(model_name, num_labels, budget.image_size)
+                    fp_model = small_model(model_name, num_labels, budget.image_size)
                     saved = torch.load(cache, weights_only=True)
                     fp_model.load_state_dict(saved["state_dict"])
                     fp_record = json.loads(saved["record"])
                 else:
                     torch.manual_seed(seed)
-                    fp_model = build_model(model_name, num_labels, budget.image_size)
+                    fp_model = small_model(model_name, num_labels, budget.image_size)
                     trainer = Trainer(
                         model=fp_model,
-                        args=_training_args(TrainingArguments, tmp, budget, seed, quantized=False),
+                        args=training_args(TrainingArguments, tmp, budget, seed, quantized=False),
                         train_dataset=train,
                         eval_dataset=evaluation,
                         data_collator=collate_fn,
                         compute_metrics=compute_metrics,
                     )
                     trainer.remove_callback(PrinterCallback)
-                    seconds = _timed(trainer.train)
+                    seconds = timed(trainer.train)
                     fp_record = _record(trainer, model_name, "fp", 32, seed, seconds, variant="", **extra)
                     if cache is not None:
                         cache.parent.mkdir(parents=True, exist_ok=True)
@@ -234,25 +149,19 @@ def run_grid(
                         options = {**lts_options, "freeze": True} if method == "lts" else {"freeze": False}
                         trainer = LTSTrainer(
                             model=copy.deepcopy(fp_model).train(),
-                            args=_training_args(LTSTrainingArguments, tmp, budget, seed, quantized=True),
+                            args=training_args(LTSTrainingArguments, tmp, budget, seed, quantized=True),
                             lts_config=LTSConfig(weight_bits=b, activation_bits=b, **options),
                             train_dataset=train,
                             eval_dataset=evaluation,
                         )
                         trainer.remove_callback(PrinterCallback)
-                        seconds = _timed(trainer.train)
+                        seconds = timed(trainer.train)
                         label = variant if method == "lts" else ""
                         record = _record(
                             trainer, model_name, method, b, seed, seconds, variant=label, **extra
                         )
                         _add(records, record, output)
     return records
-
-
-def _timed(fn: Any) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
 
 
 def _add(records: list[dict[str, Any]], r: dict[str, Any], output: Path) -> None:
@@ -422,34 +331,19 @@ def plot(records: list[dict[str, Any]], mode: str, out_dir: Path) -> dict[str, s
     fig.savefig(frozen, dpi=110)
     plt.close(fig)
     return {
-        "top-1 per method": f"results/{top1.name}",
-        "frozen ratio over training": f"results/{frozen.name}",
+        "top-1 per method": top1.name,
+        "frozen ratio over training": frozen.name,
     }
 
 
-def write_report(records: list[dict[str, Any]], out_dir: Path, readme: Path) -> None:
-    """Table and plots of this mode, then the README's accuracy section from every mode's table on disk."""
+def write_report(records: list[dict[str, Any]], out_dir: Path) -> Path:
+    """This mode's table, target checks and plots, as ``accuracy_<mode>.md`` beside the plots."""
     mode = records[0]["mode"]
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / f"accuracy_{mode}.md").write_text(markdown(records, mode, plot(records, mode, out_dir)))
-    tables = [out_dir / f"accuracy_{m}.md" for m in BUDGETS if (out_dir / f"accuracy_{m}.md").exists()]
-    notes = out_dir / NOTES.name
-    section = [
-        START,
-        "## Accuracy",
-        "",
-        "LTS against plain LSQ QAT and fp32 on Fashion-MNIST (`python -m benchmarks.accuracy`, see its "
-        "docstring). Machine: " + MACHINE.format(torch=torch.__version__) + ".",
-        "",
-        *(t.read_text() for t in tables),
-        *([notes.read_text()] if notes.exists() else []),
-        END,
-    ]
-    text = readme.read_text() if readme.exists() else "# Benchmarks\n"
-    block = "\n".join(section)
-    pattern = re.compile(re.escape(START) + ".*?" + re.escape(END), re.S)
-    text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + block
-    readme.write_text(text.rstrip("\n") + "\n")
+    report = out_dir / f"accuracy_{mode}.md"
+    machine = MACHINE.format(torch=torch.__version__)
+    report.write_text(markdown(records, mode, plot(records, mode, out_dir)) + f"\nMachine: {machine}.\n")
+    return report
 
 
 def _options(pairs: list[str]) -> dict[str, Any]:
@@ -481,7 +375,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fp-cache", type=Path, help="keep/reuse the fp32 checkpoints here (for ablations)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (tiny models: 1 is fastest)")
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
-    parser.add_argument("--readme", type=Path, default=README)
     parser.add_argument("--no-report", action="store_true", help="only write the JSON records")
     parser.add_argument("--from-json", nargs="+", type=Path, help="merge these records and report; no runs")
     args = parser.parse_args(argv)
@@ -512,7 +405,7 @@ def main(argv: list[str] | None = None) -> int:
             args.fp_cache,
         )
     if not args.no_report:
-        write_report(records, args.results_dir, args.readme)
+        print(f"Wrote {write_report(records, args.results_dir)}")
     return 0
 
 

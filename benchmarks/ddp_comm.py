@@ -11,11 +11,12 @@ would have sent; the table shows them at points of the run.
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from .common import free_port, resnet18
 
 POINTS = (0.25, 0.5, 0.75, 0.9, 1.0)
 
@@ -23,7 +24,7 @@ POINTS = (0.25, 0.5, 0.75, 0.9, 1.0)
 def worker(args: argparse.Namespace) -> None:
     import torch
     from datasets import Dataset
-    from transformers import ResNetConfig, ResNetForImageClassification, TrainerCallback
+    from transformers import TrainerCallback
 
     from hf_lts import LTSConfig, LTSTrainer, LTSTrainingArguments
 
@@ -40,10 +41,7 @@ def worker(args: argparse.Namespace) -> None:
             self.rows.append({"step": state.global_step, "sent": sent, "default": default, "frozen": frozen})
 
     torch.manual_seed(0)
-    config = ResNetConfig(
-        layer_type="basic", depths=[2, 2, 2, 2], hidden_sizes=[64, 128, 256, 512], num_labels=10
-    )
-    model = ResNetForImageClassification(config)
+    model = resnet18(num_labels=10)
     g = torch.Generator().manual_seed(0)
     n = args.steps * args.batch * 2
     data = Dataset.from_dict(
@@ -66,9 +64,7 @@ def worker(args: argparse.Namespace) -> None:
 
 
 def launch(method: str, steps: int, batch: int, out: Path) -> list[dict]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = str(s.getsockname()[1])
+    port = free_port()
     cmd = [
         sys.executable,
         "-m",

@@ -1,4 +1,4 @@
-"""ONNX export (issues #12, #23): agreement with PyTorch, file size, and ONNX Runtime latency against fp32 ONNX
+"""ONNX export: agreement with PyTorch, file size, and ONNX Runtime latency against fp32 ONNX
 and against ONNX Runtime's own int8 quantization of the same network.
 
     python -m benchmarks.onnx                  # both parts, writes the results and the README table
@@ -41,8 +41,6 @@ from safetensors.torch import save_file
 from transformers import (
     MobileNetV2Config,
     MobileNetV2ForImageClassification,
-    ResNetConfig,
-    ResNetForImageClassification,
     Trainer,
 )
 
@@ -50,19 +48,11 @@ from hf_lts import LTSConfig, LTSTrainer, LTSTrainingArguments, export_onnx, pre
 from hf_lts.data import collate_fn, load_image_dataset, prepare_dataset
 from hf_lts.export.packed import save_export
 
-from .accuracy import build_model
+from .common import demo_resnet, resnet18, small_model, timed
 
 RESULTS = Path(__file__).parent / "results" / "onnx.json"
 README = Path(__file__).parent / "README.md"
 START, END = "<!-- onnx:start -->", "<!-- onnx:end -->"
-
-
-def demo_model(num_labels: int) -> torch.nn.Module:
-    """The CPU demo's model (`recipes/demo.yaml`): ResNet, 16/32/64 channels, one basic block per stage."""
-    config = ResNetConfig(
-        embedding_size=16, hidden_sizes=[16, 32, 64], depths=[1, 1, 1], num_labels=num_labels
-    )
-    return ResNetForImageClassification(config)
 
 
 class Logits(torch.nn.Module):
@@ -106,9 +96,7 @@ def train(
 
 
 def latency_ms(session: ort.InferenceSession, x: np.ndarray) -> float:
-    start = time.perf_counter()
-    session.run(["logits"], {"pixel_values": x})
-    return (time.perf_counter() - start) * 1e3
+    return timed(session.run, ["logits"], {"pixel_values": x}) * 1e3
 
 
 def session(path: Path, threads: int) -> ort.InferenceSession:
@@ -211,10 +199,7 @@ def latency_model(name: str) -> torch.nn.Module:
     """Full-width ResNet-18 or MobileNetV2 with random batch-norm statistics (eval mode)."""
     torch.manual_seed(0)
     if name == "resnet18":
-        config = ResNetConfig(
-            layer_type="basic", depths=[2, 2, 2, 2], hidden_sizes=[64, 128, 256, 512], embedding_size=64
-        )
-        model = ResNetForImageClassification(config)
+        model = resnet18(num_labels=2)  # the config's default head: the logits are not read
     else:
         model = MobileNetV2ForImageClassification(MobileNetV2Config(tf_padding=False))
     for module in model.modules():
@@ -412,13 +397,13 @@ def agreement_meta(args: argparse.Namespace) -> dict[str, Any]:
 
 def agreement(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
     """The trained models' agreement rows (see the module docstring)."""
-    plan = [("demo-resnet (digits)", demo_model, "digits", 32)]
+    plan = [("demo-resnet (digits)", demo_resnet, "digits", 32)]
     if not args.quick:
         plan += [
-            ("resnet18 (fashion-mnist)", lambda n: build_model("resnet18", n, 28), "fashion_mnist", 28),
+            ("resnet18 (fashion-mnist)", lambda n: small_model("resnet18", n, 28), "fashion_mnist", 28),
             (
                 "mobilenet_v2 (fashion-mnist)",
-                lambda n: build_model("mobilenet_v2", n, 28),
+                lambda n: small_model("mobilenet_v2", n, 28),
                 "fashion_mnist",
                 28,
             ),

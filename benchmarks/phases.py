@@ -1,4 +1,4 @@
-"""Where in a run LTS gains or loses against QAT: both trained step by step in one process (issue #10).
+"""Where in a run LTS gains or loses against QAT: both trained step by step in one process.
 
     python -m benchmarks.phases --model small-resnet18 --image-size 28 --batch-size 64 --steps 600
 
@@ -24,7 +24,7 @@ from torch.nn import functional as F
 from hf_lts import LotteryTicketScratcher, LTSConfig, prepare_model
 from hf_lts.quantization import quantized_layers
 
-from .speed import build_model, training_images
+from .common import build_model, training_images
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:

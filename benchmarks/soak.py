@@ -24,7 +24,6 @@ import hashlib
 import json
 import os
 import random
-import socket
 import subprocess
 import sys
 import tempfile
@@ -33,13 +32,14 @@ from pathlib import Path
 
 import psutil
 
+from .common import free_port, tiny_resnet
+
 REPO = Path(__file__).resolve().parents[1]
 
 
 def worker(a: argparse.Namespace) -> None:
     """A user's script: LTSTrainer on digits, ``resume_from_checkpoint=True`` when a complete checkpoint exists."""
     import torch
-    from transformers import ResNetConfig, ResNetForImageClassification
 
     from hf_lts import LTSConfig, LTSTrainer, LTSTrainingArguments
     from hf_lts.data import load_image_dataset, prepare_dataset
@@ -51,9 +51,7 @@ def worker(a: argparse.Namespace) -> None:
     digits = load_image_dataset("digits")
     train = prepare_dataset(digits["train"], 16, train=False)
     torch.manual_seed(0)
-    model = ResNetForImageClassification(
-        ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], num_labels=10)
-    )
+    model = tiny_resnet(num_labels=10)
     args = LTSTrainingArguments(
         a.out,
         max_steps=a.steps,
@@ -105,12 +103,6 @@ def checkpoint_digest(folder: Path) -> str:
         path = folder / name
         h.update(path.read_bytes() if path.exists() else b"<missing>")
     return h.hexdigest()
-
-
-def free_port() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return str(s.getsockname()[1])
 
 
 def command(a: argparse.Namespace, out: Path, *extra: str) -> list[str]:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import ctypes
 import gc
-import gzip
 import json
 import math
 import platform
@@ -32,7 +31,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import yaml
 from torch import nn
@@ -42,45 +40,9 @@ from torch.utils.flop_counter import FlopCounterMode
 from hf_lts import LotteryTicketScratcher, LTSConfig, prepare_model
 from hf_lts.quantization import quantized_layers, state
 
-FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+from .common import NUM_LABELS, build_model, markdown_table, training_images
+
 TARGETS = (0.5, 0.7, 0.9)
-NUM_LABELS = 10
-
-
-def build_model(name: str, image_size: int) -> nn.Module:
-    """A freshly initialised model from a transformers config (seeded: every variant starts alike)."""
-    from transformers import (
-        MobileNetV2Config,
-        MobileNetV2ForImageClassification,
-        ResNetConfig,
-        ResNetForImageClassification,
-    )
-
-    torch.manual_seed(0)
-    if name == "resnet18":
-        config = ResNetConfig(
-            layer_type="basic",
-            depths=[2, 2, 2, 2],
-            hidden_sizes=[64, 128, 256, 512],
-            embedding_size=64,
-            num_labels=NUM_LABELS,
-        )
-        return ResNetForImageClassification(config)
-    if name == "mobilenetv2":
-        return MobileNetV2ForImageClassification(
-            MobileNetV2Config(image_size=image_size, num_labels=NUM_LABELS)
-        )
-    if name.startswith("small-"):  # the accuracy benchmark's narrow models (28 px in that benchmark)
-        from benchmarks.accuracy import build_model as small_model
-
-        return small_model(name.removeprefix("small-"), NUM_LABELS, image_size)
-    if name == "tiny":
-        return ResNetForImageClassification(
-            ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], num_labels=NUM_LABELS)
-        )
-    raise ValueError(
-        f"unknown model {name!r}: use resnet18, mobilenetv2, small-resnet18, small-mobilenet_v2 or tiny"
-    )
 
 
 def variant_names(quick: bool) -> list[str]:
@@ -94,34 +56,7 @@ def frozen_target(variant: str) -> float:
     return int(variant.rsplit("-", 1)[1]) / 100 if variant.startswith("lts-") else 0.0
 
 
-# -- data and the real LTS run ------------------------------------------------------------------------
-def _read_idx(path: Path) -> np.ndarray:
-    with gzip.open(path, "rb") as f:
-        data = f.read()
-    ndim = data[3]
-    shape = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
-    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
-
-
-def training_images(count: int, image_size: int) -> tuple[torch.Tensor, torch.Tensor, str]:
-    """``count`` real images (3 × ``image_size``², normalised) with labels, and the data set's name."""
-    if (FASHION_MNIST / "train-images-idx3-ubyte.gz").exists():
-        images = torch.from_numpy(_read_idx(FASHION_MNIST / "train-images-idx3-ubyte.gz")[:count].copy())
-        labels = torch.from_numpy(_read_idx(FASHION_MNIST / "train-labels-idx1-ubyte.gz")[:count].copy())
-        name = "fashion-mnist"
-    else:
-        from sklearn.datasets import load_digits
-
-        digits = load_digits()
-        images = torch.from_numpy(digits.images[:count]).float()
-        labels = torch.from_numpy(digits.target[:count])
-        name = "digits"
-    x = images.float().unsqueeze(1)
-    x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False)
-    x = (x - x.mean()) / x.std()
-    return x.expand(-1, 3, -1, -1).contiguous(), labels.long(), name
-
-
+# -- the real LTS run -----------------------------------------------------------------------------------
 def real_masks(
     model_name: str, image_size: int, batch_size: int, steps: int, lts: LTSConfig
 ) -> tuple[dict[float, dict[str, torch.Tensor]], dict[str, Any]]:
@@ -343,23 +278,28 @@ def run_model(args: argparse.Namespace, model: str) -> dict[str, Any]:
 
 
 def markdown(results: dict[str, Any]) -> str:
-    lines = [
-        "| model | variant | frozen | step ms | × fp32 | × QAT | peak RSS MB | training MB | × QAT | bwd GFLOP "
-        "| bwd saved, measured | bwd saved, counted |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
+    header = ["model", "variant", "frozen", "step ms", "× fp32", "× QAT", "peak RSS MB", "training MB", "× QAT",
+              "bwd GFLOP", "bwd saved, measured", "bwd saved, counted"]  # fmt: skip
     nan = float("nan")
-    for model, result in results["models"].items():
-        for name, r in result["variants"].items():
-            lines.append(
-                f"| {model} | {name} | {r['frozen_ratio']:.0%} | {r['step_ms']:.1f} | "
-                f"{r.get('step_vs_fp32', nan):.2f} | {r.get('step_vs_qat', nan):.2f} | "
-                f"{r.get('peak_rss_mb', nan):.0f} | {r.get('training_mb', nan):.0f} | "
-                f"{r.get('training_memory_vs_qat', nan):.2f} | "
-                f"{r['backward_flops'] / 1e9:.2f} | {r.get('backward_flops_saved_measured', nan):.1%} | "
-                f"{r['backward_flops_saved_counted']:.1%} |"
-            )
-    return "\n".join(lines)
+    rows = [
+        [
+            model,
+            name,
+            f"{r['frozen_ratio']:.0%}",
+            f"{r['step_ms']:.1f}",
+            f"{r.get('step_vs_fp32', nan):.2f}",
+            f"{r.get('step_vs_qat', nan):.2f}",
+            f"{r.get('peak_rss_mb', nan):.0f}",
+            f"{r.get('training_mb', nan):.0f}",
+            f"{r.get('training_memory_vs_qat', nan):.2f}",
+            f"{r['backward_flops'] / 1e9:.2f}",
+            f"{r.get('backward_flops_saved_measured', nan):.1%}",
+            f"{r['backward_flops_saved_counted']:.1%}",
+        ]  # fmt: skip
+        for model, result in results["models"].items()
+        for name, r in result["variants"].items()
+    ]
+    return "\n".join(markdown_table(header, rows, "llrrrrrrrrrr"))
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any] | None:

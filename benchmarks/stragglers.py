@@ -1,4 +1,4 @@
-"""Dense against stragglers-only weight gradients, layer by layer (issue #10).
+"""Dense against stragglers-only weight gradients, layer by layer.
 
     python -m benchmarks.stragglers --model resnet18 --output benchmarks/results/stragglers_resnet18.json
 
@@ -25,7 +25,7 @@ import torch
 from hf_lts import LTSConfig, prepare_model
 from hf_lts.quantization import quantized_layers
 
-from .speed import build_model
+from .common import build_model
 
 
 def _median_ms(layer: torch.nn.Module, x: torch.Tensor, repeats: int) -> float:

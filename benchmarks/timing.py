@@ -1,4 +1,4 @@
-"""Whole-run wall time of LTS against plain QAT: the same `LTSTrainer` run, back to back (issue #10).
+"""Whole-run wall time of LTS against plain QAT: the same `LTSTrainer` run, back to back.
 
     python -m benchmarks.timing                                  # every model, the default variants
     python -m benchmarks.timing --models small-resnet18 --steps 150 --variants qat lts   # a quick look
@@ -78,7 +78,7 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
         def on_step_end(self, args, state, control, **kwargs) -> None:
             self.seconds.append(time.perf_counter() - self.start)
 
-    from benchmarks import accuracy, speed
+    from benchmarks.common import BUDGETS, build_model, small_model, training_args
     from hf_lts import LTSConfig, LTSTrainer, LTSTrainingArguments
     from hf_lts.data import FASHION_MNIST_DIR, label_maps, load_image_dataset, prepare_dataset
 
@@ -93,19 +93,18 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     num_labels = len(label_maps(data)[0])
     torch.manual_seed(args.seed)
     if args.model.startswith("small-"):
-        model = accuracy.build_model(args.model.removeprefix("small-"), num_labels, image_size)
+        model = small_model(args.model.removeprefix("small-"), num_labels, image_size)
     else:
-        speed.NUM_LABELS = num_labels
-        model = speed.build_model(args.model, image_size)
-    budget = accuracy.BUDGETS["full"]
+        model = build_model(args.model, image_size, num_labels)
+    budget = BUDGETS["full"]
     with tempfile.TemporaryDirectory() as tmp:
-        training_args = accuracy._training_args(LTSTrainingArguments, tmp, budget, args.seed, quantized=True)
-        training_args.max_steps = args.steps
-        training_args.per_device_train_batch_size = batch_size
-        training_args.logging_steps = max(1, args.steps // 10)
+        run_args = training_args(LTSTrainingArguments, tmp, budget, args.seed, quantized=True)
+        run_args.max_steps = args.steps
+        run_args.per_device_train_batch_size = batch_size
+        run_args.logging_steps = max(1, args.steps // 10)
         options = {"weight_bits": args.bits, "activation_bits": args.bits, **VARIANTS[args.variant]}
         trainer = LTSTrainer(
-            model=model.train(), args=training_args, lts_config=LTSConfig(**options), train_dataset=train
+            model=model.train(), args=run_args, lts_config=LTSConfig(**options), train_dataset=train
         )
         trainer.remove_callback(PrinterCallback)
         timer = StepTimer()

@@ -7,6 +7,7 @@ It is a transformers `QuantizationConfigMixin` registered as ``quant_method="lts
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
+from importlib.metadata import version
 from typing import Any
 
 import torch
@@ -100,9 +101,7 @@ class LTSConfig(QuantizationConfigMixin):
 
     def to_dict(self) -> dict[str, Any]:
         """Every field, plus the hf-lts and torch versions that wrote them (which `from_dict` ignores)."""
-        from . import __version__  # here: the package imports this module first
-
-        return {**asdict(self), "hf_lts_version": __version__, "torch_version": torch.__version__}
+        return {**asdict(self), "hf_lts_version": version("hf-lts"), "torch_version": torch.__version__}
 
     @classmethod
     def from_dict(cls, config_dict: dict[str, Any], return_unused_kwargs: bool = False, **kwargs: Any):

@@ -216,7 +216,7 @@ def _load_fashion_mnist(folder: Path) -> datasets.DatasetDict:
         )
     splits = {}
     for split, (image_stem, label_stem) in stems.items():
-        images, labels = _read_idx(files[image_stem]), _read_idx(files[label_stem])
+        images, labels = read_idx(files[image_stem]), read_idx(files[label_stem])
         if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
             raise ValueError(
                 f"{files[image_stem]} and {files[label_stem]} do not hold N images and N labels "
@@ -230,7 +230,7 @@ def _find_idx_file(folder: Path, stem: str) -> Path | None:
     return next((p for p in (folder / stem, folder / f"{stem}.gz") if p.is_file()), None)
 
 
-def _read_idx(path: Path) -> np.ndarray:
+def read_idx(path: Path) -> np.ndarray:
     """Read an unsigned-byte idx file (the MNIST format): 0, 0, type 0x08, ndim, big-endian dims, data."""
     with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as f:
         data = f.read()

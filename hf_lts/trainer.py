@@ -1,8 +1,9 @@
 """`LTSTrainer`: a transformers `Trainer` that runs LTS quantization-aware training.
 
-Everything goes through the Trainer's public hooks (`create_optimizer`, `get_decay_parameter_names`, a
-callback, `log`, `save_model`, `create_model_card`); the training loop itself is the Trainer's, so it keeps
-working across transformers releases.
+Everything goes through the Trainer's public hooks (`create_optimizer`, `get_decay_parameter_names`,
+callbacks in `hf_lts.callbacks`, `log`, `save_model`, `create_model_card`) but one, `_push_from_checkpoint`,
+whose docstring says why; the training loop itself is the Trainer's, so it keeps working across
+transformers releases. The arguments are in `hf_lts.training_args`.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import json
 import logging
 import os
 from concurrent.futures import Future
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +23,6 @@ from torch.nn import functional as F
 from transformers import (
     PreTrainedModel,
     Trainer,
-    TrainerCallback,
-    TrainerControl,
     TrainerState,
     TrainingArguments,
 )
@@ -34,15 +32,16 @@ from transformers.trainer_utils import HubStrategy, TrainOutput, load_sharded_ch
 from transformers.training_args import ParallelMode
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 
+from .callbacks import CheckpointCompleteCallback, FrozenAllReduceCallback, LTSCallback
 from .card import write_model_card
 from .config import LTSConfig
-from .distributed import FrozenAwareAllReduceState, register_frozen_aware_hook
+from .distributed import FrozenAwareAllReduceState
 from .export import ONNX_FILE
 from .export.onnx import refresh_onnx
 from .hub import push_export, upload_errors
 from .metrics import compute_metrics as accuracy_metrics
+from .optimizer import group_step_sizes, no_decay_parameter_names
 from .quantization import prepare_model
-from .quantization.lsq import ActivationFakeQuantizer, WeightFakeQuantizer
 from .quantizers import training_state
 from .resilience import (
     background_push,
@@ -50,11 +49,11 @@ from .resilience import (
     dead_rank_error,
     destroy_process_group_at_exit,
     is_collective_failure,
-    mark_checkpoint_complete,
     resolve_resume,
     unmark_checkpoint,
 )
 from .scratcher import LotteryTicketScratcher
+from .training_args import LTSTrainingArguments
 
 logger = logging.getLogger(__name__)
 
@@ -65,110 +64,6 @@ LOGGED_STATS = (
     "backward_flops_saved",
     "backward_flops_saved_realised",
 )
-_NORM_LAYERS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
-_QUANTIZERS = (WeightFakeQuantizer, ActivationFakeQuantizer)
-
-
-@dataclass
-class LTSTrainingArguments(TrainingArguments):
-    """`TrainingArguments` with the LTS extras and DDP defaults that suit LTS.
-
-    ``ddp_broadcast_buffers`` defaults to ``False``: the LTS state buffers are identical on every rank by
-    construction (same weights after the all-reduced step, same seeded stochastic rounding), so
-    broadcasting them before every forward would only double the traffic; BatchNorm running statistics stay
-    per rank (the saved model is rank 0's). ``ddp_find_unused_parameters`` defaults to ``False``: every
-    parameter gets a gradient, fully frozen weights included (an explicit zero, see `QuantConv2d`).
-    """
-
-    _argument_group_name = "training (transformers' TrainingArguments and the LTS extras)"
-
-    quantizer_learning_rate: float | None = field(
-        default=None,
-        metadata={"help": "Learning rate of the LSQ step sizes (no weight decay). Default: learning_rate."},
-    )
-    sync_batchnorm: bool = field(
-        default=False,
-        metadata={"help": "Convert BatchNorm to SyncBatchNorm under distributed training (GPU only)."},
-    )
-    skip_frozen_allreduce: bool = field(
-        default=True,
-        metadata={
-            "help": "Under DDP, leave fully frozen weights (exact zero gradients) out of the gradient "
-            "all-reduce; the result is bit-identical."
-        },
-    )
-    ddp_broadcast_buffers: bool | None = field(
-        default=False, metadata={"help": "DDP broadcast_buffers (LTS state is identical on all ranks)."}
-    )
-    ddp_find_unused_parameters: bool | None = field(
-        default=False, metadata={"help": "DDP find_unused_parameters (every parameter gets a gradient)."}
-    )
-    overwrite_output_dir: bool = field(
-        default=False,
-        metadata={"help": "hf-lts train: replace a model already saved in output_dir instead of refusing."},
-    )
-
-
-class LTSCallback(TrainerCallback):
-    """Steps the scratcher once per optimizer step, right after ``optimizer.step()``.
-
-    ``on_optimizer_step`` fires once per optimizer step whatever ``gradient_accumulation_steps`` is, and
-    never during evaluation. Under fp16 a step the GradScaler skips (inf/nan gradients) still counts: the
-    weights did not move, so the distance update only re-observes them, and keeping the scratcher's
-    ``lts_step`` equal to ``state.global_step`` keeps the freezing schedule aligned with the run's ``T``
-    (the Trainer counts skipped steps too).
-    """
-
-    def __init__(self, scratcher: LotteryTicketScratcher) -> None:
-        self.scratcher = scratcher
-
-    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
-        self.scratcher.total_steps = state.max_steps
-        if self.scratcher.step_count != state.global_step:
-            logger.warning(
-                "The model's LTS step counter is %d but training starts at step %d: the freezing schedule "
-                "continues from the model's counter (was the model trained before, or the checkpoint mixed?).",
-                self.scratcher.step_count,
-                state.global_step,
-            )
-
-    def on_optimizer_step(
-        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs
-    ):
-        self.scratcher.step()
-
-
-class _FrozenAllReduceCallback(TrainerCallback):
-    """Installs `frozen_aware_allreduce_hook` on the DDP-wrapped model, which exists from ``on_train_begin``
-    on (the Trainer wraps the model before it) and before the first backward."""
-
-    def __init__(self, trainer: LTSTrainer) -> None:
-        self.trainer = trainer
-
-    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
-        wrapped = self.trainer.model_wrapped
-        if isinstance(wrapped, nn.parallel.DistributedDataParallel) and not hasattr(
-            wrapped, "_lts_allreduce"
-        ):
-            wrapped._lts_allreduce = self.trainer.allreduce_state = register_frozen_aware_hook(wrapped)
-
-
-class _CheckpointCompleteCallback(TrainerCallback):
-    """Marks ``checkpoint-N/`` complete once every rank has written its part (`hf_lts.resilience`).
-
-    ``on_save`` runs on every rank right after the Trainer's checkpoint save; the barrier makes rank 0 wait
-    for the other ranks' files (their RNG states) before it vouches for the folder.
-    """
-
-    def __init__(self, trainer: LTSTrainer) -> None:
-        self.trainer = trainer
-
-    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
-        self.trainer.accelerator.wait_for_everyone()
-        if args.should_save:
-            mark_checkpoint_complete(
-                os.path.join(args.output_dir, f"checkpoint-{state.global_step}"), state.global_step
-            )
 
 
 def _default_collator():
@@ -259,8 +154,8 @@ class LTSTrainer(Trainer):
         #: Bytes the gradient all-reduce sent / would have sent by default, under DDP (`hf_lts.distributed`).
         self.allreduce_state: FrozenAwareAllReduceState | None = None
         if getattr(self.args, "skip_frozen_allreduce", True):
-            self.add_callback(_FrozenAllReduceCallback(self))
-        self.add_callback(_CheckpointCompleteCallback(self))
+            self.add_callback(FrozenAllReduceCallback(self))
+        self.add_callback(CheckpointCompleteCallback(self))
         if self.args.parallel_mode == ParallelMode.DISTRIBUTED:
             destroy_process_group_at_exit(self._release_process_group)
         self._checkpoint_push: Future | None = None
@@ -293,12 +188,7 @@ class LTSTrainer(Trainer):
     def get_decay_parameter_names(self, model: nn.Module) -> list[str]:
         """Transformers' choice (no biases, no LayerNorm) minus every norm layer (BatchNorm included, whose HF
         names such as ``normalization`` escape transformers' patterns) and the LSQ step sizes."""
-        excluded = {
-            f"{module_name}.{name}" if module_name else name
-            for module_name, module in model.named_modules()
-            if isinstance(module, _NORM_LAYERS + _QUANTIZERS)
-            for name, _ in module.named_parameters(recurse=False)
-        }
+        excluded = set(no_decay_parameter_names(model))
         return [n for n in super().get_decay_parameter_names(model) if n not in excluded]
 
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
@@ -310,21 +200,9 @@ class LTSTrainer(Trainer):
         if self.optimizer is not None:  # passed in by the user: theirs to group
             return super().create_optimizer(model)
         optimizer = super().create_optimizer(model)
-        opt_model = self.model if model is None else model
-        scales = [
-            p
-            for module in opt_model.modules()
-            if isinstance(module, _QUANTIZERS)
-            for p in module.parameters(recurse=False)
-            if p.requires_grad
-        ]
-        ids = {id(p) for p in scales}
-        for group in optimizer.param_groups:
-            group["params"] = [p for p in group["params"] if id(p) not in ids]
         lr = getattr(self.args, "quantizer_learning_rate", None)
-        optimizer.add_param_group(
-            {"params": scales, "lr": self.args.learning_rate if lr is None else lr, "weight_decay": 0.0}
-        )
+        lr = self.args.learning_rate if lr is None else lr
+        group_step_sizes(optimizer, self.model if model is None else model, lr)
         return optimizer
 
     # -- logging -----------------------------------------------------------------------------------------

@@ -113,8 +113,15 @@ def update_layer_state(
 UPDATE = Kernel(
     update_layer_state,
     None,
-    {6: torch.int64, 7: torch.float32, 8: torch.bool, 9: torch.float32, 10: torch.float32, 11: torch.int64},
-    ("RK", "RK", "R", "R", "", "T", "", "", "", "", "", ""),
+    {
+        "index": torch.int64,
+        "keep": torch.float32,
+        "restart_observed": torch.bool,
+        "qmin": torch.float32,
+        "qmax": torch.float32,
+        "complete_at": torch.int64,
+    },
+    {"weight": "RK", "packed": "RK", "scale": "R", "held_scale": "R", "thresholds": "T"},
 )
 
 

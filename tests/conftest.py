@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import importlib
+import shutil
 from collections.abc import Iterator
 
 import pytest
 import torch
-from hub_server import HubServer
+from helpers.hub_server import HubServer
+from torch.utils.cpp_extension import get_cxx_compiler
+
+#: The library runs without a C++ compiler (eagerly, after a warning); what needs one skips, saying why.
+NO_COMPILER = shutil.which(get_cxx_compiler()) is None
+NO_COMPILER_REASON = "no C++ compiler: the native CPU kernels and torch.compile on a CPU need one"
 
 # Module globals that copy a Hub setting at import time, besides those of `huggingface_hub.constants`:
 # setting the environment variable during a test does not reach them, so the fixture patches them too.
@@ -18,6 +24,12 @@ _IMPORT_TIME_COPIES = {
     "transformers.utils.hub": {"HF_MODULES_CACHE": "modules"},
     "transformers.dynamic_module_utils": {"HF_MODULES_CACHE": "modules"},
 }
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if NO_COMPILER and item.get_closest_marker("native"):
+            item.add_marker(pytest.mark.skip(reason=NO_COMPILER_REASON))
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -34,7 +46,7 @@ def one_thread() -> Iterator[None]:
 def hub_server(
     tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
 ) -> Iterator[HubServer]:
-    """A fresh local Hub (tests/hub_server.py) that huggingface_hub and transformers use instead of huggingface.co.
+    """A fresh local Hub (tests/helpers/hub_server.py) that huggingface_hub and transformers use instead of huggingface.co.
 
     The production code paths run unchanged: only the endpoint, cache and token settings are redirected, with
     a dummy token and a cache under a temporary HF_HOME, so the user's real cache and token are never touched.
@@ -105,5 +117,7 @@ def backend(request: pytest.FixtureRequest) -> Iterator[str]:
     ``compiled`` path runs here on the CPU."""
     from hf_lts.quantization import backend as backends
 
+    if NO_COMPILER and request.param != "eager":
+        pytest.skip(NO_COMPILER_REASON)
     with backends.forced(request.param):
         yield request.param

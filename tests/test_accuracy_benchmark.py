@@ -23,12 +23,10 @@ FIELDS = {
 }
 
 
-def test_smoke_grid_writes_records_plots_and_only_its_readme_section(tmp_path):
-    readme = tmp_path / "README.md"
-    readme.write_text("# Benchmarks\n\n## Speed\n\nkept as is\n")
+def test_smoke_grid_writes_records_a_report_and_plots(tmp_path):
     output = tmp_path / "records.json"
     argv = ["--smoke", "--bits", "2", "--seeds", "0", "--output", str(output), "--results-dir", str(tmp_path)]
-    assert accuracy.main([*argv, "--readme", str(readme)]) == 0
+    assert accuracy.main(argv) == 0
 
     records = json.loads(output.read_text())
     grid = {(r["model"], r["method"], r["weight_bits"]) for r in records}
@@ -49,13 +47,10 @@ def test_smoke_grid_writes_records_plots_and_only_its_readme_section(tmp_path):
 
     for name in ("accuracy_smoke.md", "accuracy_smoke_top1.png", "accuracy_smoke_frozen.png"):
         assert (tmp_path / name).stat().st_size > 0
-    text = readme.read_text()
-    assert "## Speed\n\nkept as is" in text and "| resnet18 | 2/2 | lts |" in text
+    report = (tmp_path / "accuracy_smoke.md").read_text()
+    assert "| resnet18 | 2/2 | lts |" in report and "(accuracy_smoke_top1.png)" in report
 
-    # rebuilding from the records replaces the section instead of appending a second one
-    assert (
-        accuracy.main(["--from-json", str(output), "--results-dir", str(tmp_path), "--readme", str(readme)])
-        == 0
-    )
-    text = readme.read_text()
-    assert text.count(accuracy.START) == text.count(accuracy.END) == 1 and "kept as is" in text
+    # rebuilding from the records rewrites the same report without training
+    (tmp_path / "accuracy_smoke.md").unlink()
+    assert accuracy.main(["--from-json", str(output), "--results-dir", str(tmp_path)]) == 0
+    assert (tmp_path / "accuracy_smoke.md").read_text() == report

@@ -4,8 +4,8 @@ import os
 
 import pytest
 import torch
+from helpers.tiny_models import tiny_resnet
 from huggingface_hub import ModelCard
-from tiny_models import tiny_resnet
 
 from hf_lts import LotteryTicketScratcher, LTSConfig, prepare_model
 from hf_lts.card import CITATION, PLOT_FILE, build_model_card, hub_id, write_model_card

@@ -2,16 +2,15 @@
 
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
+from helpers.ports import free_port
 
-WORKER = str(Path(__file__).with_name("ddp_worker.py"))
+WORKER = str(Path(__file__).parent / "helpers" / "ddp_worker.py")
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -19,12 +18,6 @@ def run(cmd: list[str], cwd: Path) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
-
-
-def free_port() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return str(s.getsockname()[1])
 
 
 def torchrun(*args: str) -> list[str]:
@@ -142,9 +135,7 @@ def test_dead_rank_mid_checkpoint_fails_clearly_and_the_last_complete_checkpoint
         for r in (0, 1)
     ]
     assert procs[0].wait(timeout=300) == -9
-    killed_at = time.monotonic()
-    survivor_err = procs[1].communicate(timeout=90)[1]
-    assert time.monotonic() - killed_at < 60
+    survivor_err = procs[1].communicate(timeout=90)[1]  # a hang times out here: ddp_timeout is 60 s
     assert procs[1].returncode == 1
     assert (
         "RuntimeError: Rank 1: another process of the run stopped responding" in survivor_err

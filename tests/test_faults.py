@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from hub_server import HubServer
+from helpers.hub_server import HubServer
+from helpers.tiny_models import tiny_resnet
 from huggingface_hub import HfApi
 from safetensors import safe_open
 from test_ddp import REPO, WORKER, accelerate, torchrun
-from tiny_models import tiny_resnet
 from transformers import TrainerCallback
 
 import hf_lts

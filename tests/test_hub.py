@@ -5,10 +5,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from hub_server import HubServer
+from helpers.hub_server import HubServer
+from helpers.tiny_models import tiny_resnet
 from huggingface_hub import HfApi, ModelCard, hf_hub_download
 from safetensors import safe_open
-from tiny_models import tiny_resnet
 from transformers import AutoModelForImageClassification
 
 import hf_lts

@@ -1,4 +1,4 @@
-"""The local Hub server (tests/hub_server.py) works with the real huggingface_hub and transformers clients."""
+"""The local Hub server (tests/helpers/hub_server.py) works with the real huggingface_hub and transformers clients."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 import huggingface_hub
 import pytest
 import torch
-from hub_server import HubServer
+from helpers.hub_server import HubServer
 from huggingface_hub import HfApi, constants, hf_hub_download, snapshot_download
 from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError
 from huggingface_hub.hf_api import RepoFile, RepoFolder

@@ -9,10 +9,10 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from hub_server import HubServer
+from helpers.hub_server import HubServer
+from helpers.tiny_models import tiny_mobilenet, tiny_resnet
 from huggingface_hub import HfApi, ModelCard, hf_hub_download
 from onnx import numpy_helper
-from tiny_models import tiny_mobilenet, tiny_resnet
 from transformers import AutoModelForImageClassification
 
 import hf_lts

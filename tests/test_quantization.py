@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 import torch.utils.cpp_extension
-from tiny_models import tiny_mobilenet, tiny_resnet
+from helpers.tiny_models import tiny_mobilenet, tiny_resnet
 from torch import nn
 from torch.nn import functional as F
 
@@ -339,9 +339,9 @@ def test_fused_layer_is_bit_identical_to_the_previous_implementation(
     backend, kind, bits, per_channel, signed, frozen
 ):
     """The fused layer (recomputed quantized input, channel-sliced weight gradients, step gradients reduced
-    in the kernels) against the implementation before it (tests/lsq_reference.py): the same output, input,
+    in the kernels) against the implementation before it (tests/helpers/lsq_reference.py): the same output, input,
     weight and bias gradients, bit for bit; the step gradients, sums, up to float summation order."""
-    from lsq_reference import reference_forward
+    from helpers.lsq_reference import reference_forward
 
     layer, x = _layer(kind, bits, per_channel, frozen)
     x = (x if signed else x.relu()).requires_grad_()
@@ -369,7 +369,7 @@ def _assert_same(name, value, expected):
 def test_first_layer_input_step_gradient_by_the_adjoint_identity(kind):
     """Where the input needs no gradient (the pixels), the input step's gradient comes from one forward
     op instead of the transposed one: equal up to float summation order."""
-    from lsq_reference import reference_forward
+    from helpers.lsq_reference import reference_forward
 
     layer, x = _layer(kind, 4, False, "random")
     fused, reference = _grads(layer, x), _grads(layer, x, reference_forward)
@@ -392,6 +392,7 @@ def test_native_compiled_and_eager_layers_are_bit_identical(frozen):
             _assert_same(name, value, other[name])
 
 
+@pytest.mark.native
 def test_the_fused_kernels_are_the_native_ones_on_this_cpu():
     """Where a C++ compiler is (here, CI) the fused CPU kernels are the native ops: the bit-identity tests
     above compare them, not eager against eager."""
@@ -518,7 +519,7 @@ def test_frozen_channels_skip_their_weight_gradient_work(kind):
 def test_fully_frozen_layer_keeps_its_quantized_weight_until_step_or_state_change():
     """A fully frozen layer's ``q · s`` is made once and reused; writing its step (optimizer, in place) or
     its state (load_state_dict) makes it anew, always equal to the previous implementation's."""
-    from lsq_reference import reference_forward
+    from helpers.lsq_reference import reference_forward
 
     layer, x = _layer("conv", 4, False, "all")
     x = x.relu()

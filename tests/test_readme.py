@@ -9,7 +9,7 @@ change, and why (nothing else is touched):
   ``fashion_mnist`` and the Debian package ``dataset-fashion-mnist`` is not installed;
 - in the Python blocks, the Hub model ``microsoft/resnet-18`` is a tiny local ResNet saved by the test,
   ``num_train_epochs=30`` is ``max_steps=2``, and the Hub user ``me`` is the local Hub's user;
-- the Hub is the local server of ``tests/hub_server.py`` (fixture ``hub_server``).
+- the Hub is the local server of ``tests/helpers/hub_server.py`` (fixture ``hub_server``).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from tiny_models import tiny_resnet
+from helpers.tiny_models import tiny_resnet
 
 from hf_lts.data import FASHION_MNIST_DIR
 

@@ -7,10 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_models import tiny_mobilenet, tiny_resnet
+from helpers.tiny_models import tiny_mobilenet, tiny_resnet
 
+import hf_lts
 from hf_lts import LTSTrainer
-from hf_lts.cli import DEMO_RECIPE, load_recipe, parse_train_args
+from hf_lts.commands.recipes import DEMO_RECIPE, load_recipe, parse_train_args
 from hf_lts.data import load_image_dataset, prepare_dataset
 
 RECIPES = Path(__file__).parent.parent / "recipes"
@@ -32,8 +33,10 @@ def test_the_paper_grid_is_there():
     assert RECIPES / "demo.yaml" in RUNNABLE and RECIPES / "cifar10_resnet20_w2a2.yaml" in RUNNABLE
 
 
-def test_demo_yaml_is_the_embedded_demo():
-    assert load_recipe(RECIPES / "demo.yaml") == DEMO_RECIPE
+def test_the_demo_recipe_is_one_file_shipped_with_the_package():
+    packaged = Path(hf_lts.__file__).parent / "recipes" / "demo.yaml"
+    assert (RECIPES / "demo.yaml").resolve() == packaged.resolve()  # recipes/demo.yaml links to it
+    assert load_recipe(packaged) == DEMO_RECIPE and DEMO_RECIPE["dataset_name"] == "digits"
 
 
 @pytest.mark.parametrize("recipe", RUNNABLE, ids=lambda p: str(p.relative_to(RECIPES)))

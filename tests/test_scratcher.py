@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from tiny_models import tiny_mobilenet, tiny_resnet
+from helpers.tiny_models import tiny_mobilenet, tiny_resnet
 from torch import nn
 
 from hf_lts import LotteryTicketScratcher, LTSConfig, prepare_model

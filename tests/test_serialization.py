@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers.tiny_models import tiny_mobilenet, tiny_resnet
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from tiny_models import tiny_mobilenet, tiny_resnet
 from transformers import AutoModelForImageClassification, ResNetConfig, ResNetForImageClassification
 
 import hf_lts

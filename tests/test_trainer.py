@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import glob
+import os
 from pathlib import Path
 
 import pytest
 import torch
+from helpers.ports import free_port
+from helpers.tiny_models import tiny_resnet
 from safetensors import safe_open
-from tiny_models import tiny_resnet
 from torch import nn
 from transformers import TrainingArguments
 
+import hf_lts
 from hf_lts import LTSConfig, LTSTrainer, LTSTrainingArguments, prepare_model
 from hf_lts.data import load_image_dataset, prepare_dataset
+from hf_lts.hub import HubUploadError
 from hf_lts.quantization import quantized_layers, state
 
 # Freezes within a few steps, so that short runs exercise frozen weights.
@@ -254,3 +258,56 @@ def test_final_save_and_model_card(tmp_path, train_data, eval_data):
     assert (tmp_path / "config.json").is_file() and (tmp_path / "model.safetensors").is_file()
     assert not list(tmp_path.glob("checkpoint-*"))
     assert "W4A4" in (tmp_path / "README.md").read_text()
+
+
+def _digits(n: int = 64):
+    from hf_lts.data import load_image_dataset, prepare_dataset
+
+    data = load_image_dataset("digits")
+    return (
+        prepare_dataset(data["train"].select(range(n)), 16, True, hflip=False),
+        prepare_dataset(data["validation"].select(range(n)), 16, False),
+    )
+
+
+def _trainer(output_dir: str, **kwargs) -> hf_lts.LTSTrainer:
+    train, val = _digits()
+    args = hf_lts.LTSTrainingArguments(
+        output_dir, max_steps=3, per_device_train_batch_size=16, logging_steps=1, report_to="none",
+        use_cpu=True, dataloader_pin_memory=False, disable_tqdm=True, **kwargs,
+    )  # fmt: skip
+    return hf_lts.LTSTrainer(
+        model=tiny_resnet(num_labels=10), args=args, train_dataset=train, eval_dataset=val
+    )
+
+
+def test_save_model_writes_the_card_with_metrics_and_plot_and_a_readable_weights_file(tmp_path, monkeypatch):
+    """A user's script that trains, evaluates and saves gets the card, as the CLI does."""
+    monkeypatch.chdir(tmp_path)
+    trainer = _trainer("run")
+    trainer.train()
+    metrics = trainer.evaluate()
+    trainer.save_model("final")
+    card = (tmp_path / "final" / "README.md").read_text()
+    assert "# final" in card and "## Evaluation" in card and f"{metrics['eval_accuracy']:.4f}" in card
+    assert "frozen_ratio.png" in card and (tmp_path / "final" / "frozen_ratio.png").is_file()
+    assert "github.com/hf-lts" not in card  # no placeholder repository link
+    # Every file of the export is readable by others (a Hub mirror, a shared folder): model.safetensors was 0600.
+    modes = {p.name: oct(p.stat().st_mode & 0o777) for p in (tmp_path / "final").iterdir()}
+    assert modes["model.safetensors"] == modes["config.json"] == "0o644", modes
+    trainer.save_model()  # no folder: output_dir
+    assert (tmp_path / "run" / "README.md").is_file()
+
+
+def test_push_to_hub_without_network_raises_hub_upload_error(hub_server, monkeypatch, tmp_path):
+    """The repo creation (`init_hf_repo`) raised httpx's ConnectError; the export is complete either way."""
+    from huggingface_hub import constants, hf_api
+
+    monkeypatch.chdir(tmp_path)
+    dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    monkeypatch.setattr(constants, "ENDPOINT", dead)
+    monkeypatch.setattr(hf_api.api, "endpoint", dead)
+    trainer = _trainer("run")
+    with pytest.raises(HubUploadError, match="Could not upload run"):
+        trainer.push_to_hub()
+    assert {"config.json", "model.safetensors", "README.md"} <= set(os.listdir(tmp_path / "run"))

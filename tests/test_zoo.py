@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers.tiny_zoo import ZOO, image_size, tiny_zoo_model
 from safetensors import safe_open
 from test_onnx import check_agreement
-from tiny_zoo import ZOO, image_size, tiny_zoo_model
 from torch import nn
 from torch.nn import functional as F
 from transformers import Dinov2Config, Dinov2ForImageClassification

@@ -1,7 +1,7 @@
 """The packed low-bit export of LTS models: integer codes in safetensors.
 
-``model.save_pretrained(dir)`` of a prepared model (`prepare_model` attaches the ``"lts"`` quantizer of
-`hf_lts.quantizers` as ``model.hf_quantizer``) writes ``config.json`` with the `LTSConfig` as
+``model.save_pretrained(dir)`` of a prepared model (`prepare_model` attaches the ``"lts"`` quantizer that
+`hf_lts.quantizers` registers with transformers as ``model.hf_quantizer``) writes ``config.json`` with the `LTSConfig` as
 ``quantization_config`` and a ``model.safetensors`` (header metadata ``lts_format = "packed-v1"``) holding,
 for every quantized layer:
 
@@ -71,7 +71,8 @@ def codes_per_byte(bits: int) -> int:
     return 4 if bits <= 2 else 2 if bits <= 4 else 1
 
 
-def packed_numel(numel: int, bits: int) -> int:
+def codes_bytes(numel: int, bits: int) -> int:
+    """The bytes that ``numel`` codes of ``bits`` take (`pack_codes`)."""
     return -(-numel // codes_per_byte(bits))
 
 
@@ -84,13 +85,13 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     return (flat.view(-1, per_byte) << shifts).sum(1).to(torch.uint8)
 
 
-def unpack_codes(packed: torch.Tensor, bits: int) -> torch.Tensor:
+def unpack_codes(data: torch.Tensor, bits: int) -> torch.Tensor:
     """Inverse of `pack_codes`: every code the bytes hold, padding included (``int32``). Codes ≥ ``2^bits``
     (possible in the nibbles of 3-bit codes) and set padding bits are left for the caller to reject."""
     per_byte = codes_per_byte(bits)
     width = 8 // per_byte
-    shifts = torch.arange(per_byte, dtype=torch.int32, device=packed.device) * width
-    codes = (packed.to(torch.int32).unsqueeze(1) >> shifts) & ((1 << width) - 1)
+    shifts = torch.arange(per_byte, dtype=torch.int32, device=data.device) * width
+    codes = (data.to(torch.int32).unsqueeze(1) >> shifts) & ((1 << width) - 1)
     return codes.reshape(-1)
 
 
@@ -129,7 +130,6 @@ def checked_layers(model: nn.Module) -> dict[str, QuantLayerMixin]:
 
 
 def _stats_summary(model: nn.Module) -> dict[str, Any]:
-
     stats = layer_stats(quantized_layers(model))
     stats.pop("total_steps", None)  # a setting of the scratcher, not a property of the model
     return stats
@@ -183,10 +183,10 @@ def save_export(model: nn.Module, save_directory: str | os.PathLike, **kwargs: A
 
 
 # -- reading ---------------------------------------------------------------------------------------------
-def packed_specs(module: nn.Module, weight_bits: int, per_channel: bool) -> dict:
+def export_specs(module: nn.Module, weight_bits: int, per_channel: bool) -> dict:
     """``key → (shape, dtype)`` of the tensors the packed export holds for the float layer ``module``."""
     specs = {
-        "weight": ((packed_numel(module.weight.numel(), weight_bits),), torch.uint8),
+        "weight": ((codes_bytes(module.weight.numel(), weight_bits),), torch.uint8),
         "weight_quantizer.scale": ((module.weight.shape[0] if per_channel else 1,), torch.float32),
         "input_quantizer.scale": ((1,), torch.float32),
         "input_quantizer.signed": ((), torch.bool),

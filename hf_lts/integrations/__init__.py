@@ -1,6 +1,4 @@
 """Model surgery for transformers integration (like transformers' own ``integrations/``): the module swaps
-the ``"lts"`` quantizer of `hf_lts.quantizers` performs around weight loading."""
-
-from .lts import replace_with_placeholders, restore_quantized_layers
-
-__all__ = ["replace_with_placeholders", "restore_quantized_layers"]
+the ``"lts"`` quantizer of `hf_lts.quantizers` performs around weight loading (`lts`) and the checkpoint key
+renamings it follows (`keys`). Nothing is imported here, so that `hf_lts.quantization` can use `keys`
+without loading the swaps built on top of it."""

@@ -14,12 +14,12 @@ import torch
 from torch import nn
 
 from ..config import LTSConfig
-from ..export.packed import Header, LTSCheckpointError, packed_specs, unpack_levels
+from ..export.packed import Header, LTSCheckpointError, export_specs, unpack_levels
 from ..quantization import state
 from ..quantization.lsq import broadcast_scale
 from ..quantization.prepare import layer_bits, prepare_model, quantized_layers
 
-#: layer name -> ("packed" | "training", weight bits)
+#: layer name -> ("codes" | "training", weight bits): what the checkpoint holds for it
 Placeholders = dict[str, tuple[str, int]]
 
 
@@ -50,16 +50,16 @@ class _Placeholder(nn.Module):
 
 
 def replace_with_placeholders(
-    model: nn.Module, config: LTSConfig, header: Header, packed: bool
+    model: nn.Module, config: LTSConfig, header: Header, codes: bool
 ) -> Placeholders:
     """Replace every layer ``config`` quantizes by a `_Placeholder` for its tensors in the checkpoint
-    (``packed``: the packed export; otherwise a training checkpoint with the full state), checked first."""
+    (``codes``: the packed export of integer codes; otherwise a training checkpoint with the full state), checked first."""
     plan = {name: bits for name, bits in layer_bits(model, config).items() if bits is not None}
     placeholders: Placeholders = {}
     for name, (wbits, abits) in plan.items():
         module = model.get_submodule(name)
-        if packed:
-            specs = packed_specs(module, wbits, config.per_channel)
+        if codes:
+            specs = export_specs(module, wbits, config.per_channel)
             why = f"W{wbits}A{abits}{' per-channel' if config.per_channel else ''} {name!r}"
             for key, (shape, dtype) in specs.items():
                 header.check(f"{name}.{key}", shape, dtype, why)
@@ -75,7 +75,7 @@ def replace_with_placeholders(
                 f"The checkpoint has neither packed codes nor LTS training state for layer {name!r} "
                 f"(no 'lts_format' metadata, no tensor '{name}.lts_state'): it was not saved by hf-lts."
             )
-        placeholders[name] = ("packed" if packed else "training", wbits)
+        placeholders[name] = ("codes" if codes else "training", wbits)
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, _Placeholder(module, specs))
     return placeholders
@@ -89,7 +89,7 @@ def restore_quantized_layers(model: nn.Module, config: LTSConfig, placeholders: 
         placeholder = model.get_submodule(name)
         tensors = dict(placeholder.state_dict())
         original = placeholder.original
-        if kind == "packed":
+        if kind == "codes":
             levels = unpack_levels(name, tensors, wbits, tuple(original.weight.shape))
             scale = broadcast_scale(tensors["weight_quantizer.scale"], levels.ndim)
             tensors["weight"] = levels.to(scale.dtype) * scale
@@ -104,7 +104,7 @@ def restore_quantized_layers(model: nn.Module, config: LTSConfig, placeholders: 
     layers = quantized_layers(model)
     for name, (kind, tensors) in loaded.items():
         layer = layers[name]
-        layer_state = layer.state_dict() if kind == "packed" else {}
+        layer_state = layer.state_dict() if kind == "codes" else {}
         layer_state.update(tensors)
         layer.load_state_dict(layer_state)
     return model

@@ -2,14 +2,14 @@
 
 - ``native``: hf_lts's C++ CPU kernels (`hf_lts.quantization.native`): a layer's forward and backward as
   one autograd node, every layer's LTS update in one call. Float32 on a CPU only.
-- ``compiled``: the same math as `torch.compile` kernels (Triton on a GPU, C++ on a CPU), driven from
-  Python without host synchronisation: what a GPU runs.
+- ``compiled``: the same math as Inductor kernels (Triton on a GPU, C++ on a CPU; `hf_lts.quantization.kernel`),
+  driven from Python without host synchronisation: what a GPU runs.
 - ``eager``: the same math as plain PyTorch ops (no compiler needed; the reference of the other two).
 
 The default is ``native`` for float32 on a CPU (``eager`` where the C++ build fails) and ``compiled``
 elsewhere (``eager`` where compiling fails). ``HF_LTS_BACKEND=native|compiled|eager`` forces one for
-every device (read once, at import; tests run the GPU's ``compiled`` path on the CPU this way);
-``HF_LTS_COMPILE=0`` is the older spelling of ``eager``. Each decision is logged once.
+every device (read once, at import; tests run the GPU's ``compiled`` path on the CPU this way). Each
+decision is logged once.
 """
 
 from __future__ import annotations
@@ -39,8 +39,6 @@ def _from_environment() -> Backend | None:
                 f"HF_LTS_BACKEND={value!r}: use one of {', '.join(BACKENDS)} (or leave it unset)."
             )
         return value  # type: ignore[return-value]
-    if os.environ.get("HF_LTS_COMPILE", "1").strip().lower() in ("0", "false", "no", "off"):
-        return "eager"
     return None
 
 

@@ -130,8 +130,8 @@ def _rescale_math(out, factor, bias):
     return y.to(out.dtype)
 
 
-_BOUNDS = {2: torch.float32, 3: torch.float32}  # (Qn, Qp) of the first tensor; one kernel, every bit width
-_LAYER_BOUNDS = {**_BOUNDS, 6: torch.float32, 7: torch.float32}  # and of the weight
+_BOUNDS = {"qmin": torch.float32, "qmax": torch.float32}  # one kernel for every bit width
+_LAYER_BOUNDS = {name: torch.float32 for name in ("x_min", "x_max", "w_min", "w_max")}
 
 
 def _broadcast_dims(args: list[object]) -> tuple[str, ...]:
@@ -148,19 +148,21 @@ def _broadcast_dims(args: list[object]) -> tuple[str, ...]:
     return (names, over(args[1]), over(args[2]))
 
 
-_X, _G = ("RK", "R", "", ""), ("RK",)  # a tensor as rows, its steps and bounds; a gradient like it
-_W = ("QL", "Q", "", "")  # a weight (the second tensor of a layer's kernels)
+#: Dimension names (`hf_lts.quantization.kernel._example`): a tensor as rows and its steps, a layer's input
+#: and weight, and their gradients and states shaped like them.
+_X = {"x": "RK", "scale": "R", "grad": "RK", "packed": "RK"}
+_LAYER = {"x": "RK", "x_scale": "R", "w": "QL", "w_scale": "Q", "packed": "QL"}
 
 #: The fused kernels; each serves every shape, bit width and layer.
 _KERNELS = {
     name: Kernel(fn, *spec)
     for name, fn, *spec in (
-        ("fake_quant", _fake_quant_math, "fake_quant", _BOUNDS, (*_X, "RK")),
-        ("grad", _grad_math, "grad", _BOUNDS, (*_X, *_G, "RK")),
-        ("layer_forward", _layer_forward_math, "layer_forward", _LAYER_BOUNDS, (*_X, *_W, "QL")),
-        ("layer_levels", _layer_levels_math, None, _LAYER_BOUNDS, (*_X, *_W, "QL", "")),
-        ("grad_rows", _grad_rows_math, "grad_rows", _BOUNDS, (*_X, "NK", "RK", "N")),
-        ("input_grad", _input_grad_math, "input_grad", _BOUNDS, (*_X, *_G), (4,)),
+        ("fake_quant", _fake_quant_math, "fake_quant", _BOUNDS, _X),
+        ("grad", _grad_math, "grad", _BOUNDS, _X),
+        ("layer_forward", _layer_forward_math, "layer_forward", _LAYER_BOUNDS, _LAYER),
+        ("layer_levels", _layer_levels_math, None, _LAYER_BOUNDS, _LAYER),
+        ("grad_rows", _grad_rows_math, "grad_rows", _BOUNDS, {**_X, "grad": "NK", "rows": "N"}),
+        ("input_grad", _input_grad_math, "input_grad", _BOUNDS, _X, ("grad",)),
         ("input_step_terms", _input_step_terms_math, "input_step_terms", _BOUNDS, _X),
         ("rescale", _rescale_math, None, {}, _broadcast_dims),
     )

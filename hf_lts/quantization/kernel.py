@@ -9,6 +9,7 @@ later call eager (`backend.demote`), with the same results.
 from __future__ import annotations
 
 import functools
+import inspect
 from collections.abc import Callable
 
 import torch
@@ -88,24 +89,27 @@ class Kernel:
     ``native`` (CPU), an Inductor kernel (`_compile`: symbolic shapes, one serves every layer, bit width and
     batch size), or eagerly.
 
-    Arguments at the positions in ``scalars`` are Python numbers; the compiled kernel takes them as 0-d
-    tensors of the given dtype (one kernel for every value). ``dims`` names each argument's dimensions
-    (`_example`; or makes the names from the arguments). The native op writes the arguments at the
-    positions in ``mutates`` in place, and their version counters are bumped for it. Compiling is lazy
-    (the first call) and shared by every caller; if it fails, `backend.demote` makes every later call
-    eager, with the same results.
+    The arguments named in ``scalars`` are Python numbers; the compiled kernel takes them as 0-d tensors of
+    the given dtype (one kernel for every value). ``dims`` names the dimensions of the tensor arguments
+    (`_example`; or makes the names from the arguments). The native op writes the arguments named in
+    ``mutates`` in place, and their version counters are bumped for it. Compiling is lazy (the first call)
+    and shared by every caller; if it fails, `backend.demote` makes every later call eager, with the same
+    results.
     """
 
     def __init__(
         self,
         fn: Callable[..., object],
         native: str | None,
-        scalars: dict[int, torch.dtype],
-        dims: tuple[str, ...] | Callable[[list[object]], tuple[str, ...]],
-        mutates: tuple[int, ...] = (),
+        scalars: dict[str, torch.dtype],
+        dims: dict[str, str] | Callable[[list[object]], tuple[str, ...]],
+        mutates: tuple[str, ...] = (),
     ) -> None:
-        self.fn, self.native, self.scalars, self.mutates = fn, native, scalars, mutates
-        self.dims = dims
+        names = list(inspect.signature(fn).parameters)
+        self.fn, self.native = fn, native
+        self.scalars = {names.index(name): dtype for name, dtype in scalars.items()}
+        self.mutates = tuple(names.index(name) for name in mutates)
+        self.dims = dims if callable(dims) else tuple(dims.get(name, "") for name in names)
         self._compiled: dict[tuple[object, ...], Callable[..., object]] = {}
         functools.update_wrapper(self, fn)
         Kernel.instances.append(self)

@@ -7,8 +7,10 @@ from fnmatch import fnmatchcase
 import torch
 from torch import nn
 from torch.nn import functional as F
+from transformers.quantizers.auto import AUTO_QUANTIZER_MAPPING
 
 from ..config import LTSConfig
+from ..integrations.keys import check_no_converted_tensors
 from .layers import QuantConv2d, QuantLayerMixin, QuantLinear
 from .steps import guard_step_sizes
 
@@ -91,7 +93,7 @@ def prepare_model(model: nn.Module, config: LTSConfig) -> nn.Module:
     folded into the weights, and a Conv2d/Linear subclass with its own forward is refused, naming the layer,
     before anything is changed. Preparing an already prepared model with the same config returns it unchanged. The config is kept
     as ``model.lts_config`` and, for transformers models, as ``model.config.quantization_config``, with the
-    LTS quantizer as ``model.hf_quantizer`` so that ``save_pretrained`` writes the packed export.
+    registered LTS quantizer as ``model.hf_quantizer`` so that ``save_pretrained`` writes the packed export.
     """
     config.validate()
     existing = getattr(model, "lts_config", None)
@@ -114,8 +116,6 @@ def prepare_model(model: nn.Module, config: LTSConfig) -> nn.Module:
             f"No layer of {type(model).__name__} would be quantized with {config}: every conv/linear layer is "
             "excluded by modules_to_not_convert or kept in fp32 by first_layer_bits/last_layer_bits."
         )
-    from ..integrations.keys import check_no_converted_tensors  # here: the integrations build on this module
-
     converted = [name for name, bits in plan.items() if bits is not None]
     check_no_converted_tensors(model, converted)
     for name in converted:
@@ -134,7 +134,15 @@ def prepare_model(model: nn.Module, config: LTSConfig) -> nn.Module:
     model.lts_config = config
     if getattr(model, "config", None) is not None and hasattr(model.config, "to_dict"):
         model.config.quantization_config = config
-        from ..quantizers import attach_quantizer  # here: the quantizer builds on this module
-
-        attach_quantizer(model)
+        _attach_quantizer(model, config)
     return model
+
+
+def _attach_quantizer(model: nn.Module, config: LTSConfig) -> None:
+    """Give a prepared transformers model the quantizer registered for ``config.quant_method`` as
+    ``model.hf_quantizer``, as `from_pretrained` does for a loaded one, so that ``save_pretrained`` writes the
+    packed export. Looked up in transformers' registry (filled by `hf_lts.quantizers` when `hf_lts` is
+    imported), not imported: the quantizer builds on this module."""
+    quantizer_cls = AUTO_QUANTIZER_MAPPING[config.quant_method]
+    if not isinstance(getattr(model, "hf_quantizer", None), quantizer_cls):
+        model.hf_quantizer = quantizer_cls(config, pre_quantized=False)

@@ -54,13 +54,6 @@ def training_state(model: nn.Module) -> Iterator[None]:
             model.save_pretrained = own
 
 
-def attach_quantizer(model: nn.Module) -> None:
-    """Give a prepared transformers model the LTS quantizer as ``model.hf_quantizer``, as `from_pretrained`
-    does for a loaded one, so that ``save_pretrained`` writes the packed export (`prepare_model` calls it)."""
-    if not isinstance(getattr(model, "hf_quantizer", None), LTSHfQuantizer):
-        model.hf_quantizer = LTSHfQuantizer(model.lts_config, pre_quantized=False)
-
-
 @register_quantizer("lts")
 class LTSHfQuantizer(HfQuantizer):
     """Plugs LTS into ``from_pretrained``/``save_pretrained`` (registered as ``quant_method="lts"``).
@@ -117,14 +110,16 @@ class LTSHfQuantizer(HfQuantizer):
             raise LTSCheckpointError("LTS checkpoints load from safetensors files (no state_dict argument).")
         header = Header(checkpoint_files)
         header.rename(loaded_key_renamer(model, self))
-        packed = header.metadata.get("lts_format")
-        if packed not in (None, PACKED_FORMAT):
-            raise LTSCheckpointError(f"Unknown LTS checkpoint format {packed!r}: upgrade hf-lts to load it.")
+        export_format = header.metadata.get("lts_format")
+        if export_format not in (None, PACKED_FORMAT):
+            raise LTSCheckpointError(
+                f"Unknown LTS checkpoint format {export_format!r}: upgrade hf-lts to load it."
+            )
         config = self.quantization_config
-        if packed:
+        if export_format:
             plan = {name: bits for name, bits in layer_bits(model, config).items() if bits is not None}
             self._check_recorded_bits(header, plan)
-        self._placeholders = replace_with_placeholders(model, config, header, bool(packed))
+        self._placeholders = replace_with_placeholders(model, config, header, bool(export_format))
         # The other tensors: transformers would only warn about a missing one, and initialise it at random.
         # (Not those transformers saves fused with others: the file holds them under the fused key.)
         converted = converted_key_test(model)
