@@ -8,7 +8,7 @@ import pytest
 import torch
 from test_onnx import check_agreement
 from test_zoo import LABELS, train_with_trainer
-from tiny_zoo import tiny_zoo_model
+from tiny_zoo import image_size, tiny_zoo_model
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
@@ -139,11 +139,28 @@ def test_default_is_off_and_the_option_round_trips():
         LTSConfig(quantize_attention_matmuls="yes")
 
 
-@pytest.mark.parametrize("arch", ["levit", "plain"])
+@pytest.mark.parametrize("arch", ["deit_distilled", "beit", "dinov2", "swin"])
+def test_the_other_attention_interface_models_reload_exactly(arch, tmp_path):
+    model = prepare_model(tiny_zoo_model(arch, num_labels=LABELS), CONFIG)
+    assert len(matmul_quantizers(model)) == 2
+    size = image_size(model)
+    pixels = torch.randn(4, 3, size, size)
+    model.train()
+    model(pixel_values=pixels)
+    model.eval()
+    model.save_pretrained(tmp_path)
+    reloaded = type(model).from_pretrained(tmp_path)
+    assert _quantizer_states(reloaded).keys() == _quantizer_states(model).keys()
+    with torch.no_grad():
+        assert torch.equal(reloaded(pixel_values=pixels).logits, model(pixel_values=pixels).logits)
+
+
+#: Their attention is their own code (LeViT, PVTv2, MobileViT, Swin V2's cosine attention), or they have none.
+@pytest.mark.parametrize("arch", ["levit", "pvt_v2", "mobilevit", "swinv2", "resnet", "plain"])
 def test_attention_that_cannot_be_routed_is_refused_before_anything_changes(arch):
     if arch == "plain":
         model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
-    else:  # LeViT computes its attention in its own code, not through transformers.AttentionInterface
+    else:
         model = tiny_zoo_model(arch, num_labels=LABELS)
     with pytest.raises(ValueError, match="quantize_attention_matmuls=False"):
         prepare_model(model, CONFIG)
