@@ -70,7 +70,7 @@ def build_model(name: str, image_size: int) -> nn.Module:
         return MobileNetV2ForImageClassification(
             MobileNetV2Config(image_size=image_size, num_labels=NUM_LABELS)
         )
-    if name.startswith("small-"):  # the accuracy benchmark's narrow models (28 px in that benchmark)
+    if name.startswith("small-"):  # the accuracy benchmark's small models (28 px there), its ViT included
         from benchmarks.accuracy import build_model as small_model
 
         return small_model(name.removeprefix("small-"), NUM_LABELS, image_size)
@@ -79,7 +79,7 @@ def build_model(name: str, image_size: int) -> nn.Module:
             ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], num_labels=NUM_LABELS)
         )
     raise ValueError(
-        f"unknown model {name!r}: use resnet18, mobilenetv2, small-resnet18, small-mobilenet_v2 or tiny"
+        f"unknown model {name!r}: use resnet18, mobilenetv2, small-resnet18, small-mobilenet_v2, small-vit or tiny"
     )
 
 
@@ -370,7 +370,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         "--models",
         nargs="+",
         default=None,
-        help="resnet18, mobilenetv2, small-resnet18, small-mobilenet_v2, tiny",
+        help="resnet18, mobilenetv2, small-resnet18, small-mobilenet_v2, small-vit (patch 4, 28 px), tiny",
     )
     parser.add_argument("--variants", nargs="+", default=None, help="default: all (see variant_names)")
     parser.add_argument("--quick", action="store_true", help="smoke run: tiny model, few steps")
