@@ -6,14 +6,13 @@ from __future__ import annotations
 import onnx
 import pytest
 import torch
-from safetensors import safe_open
 from test_onnx import check_agreement
 from test_zoo import LABELS, train_with_trainer
 from tiny_zoo import image_size, tiny_zoo_model
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from hf_lts import LTSConfig, LTSTrainer, LTSTrainingArguments, export_onnx, prepare_model
+from hf_lts import LTSConfig, export_onnx, prepare_model
 from hf_lts.quantization import quantized_layers
 from hf_lts.quantization.attention import ATTENTION_IMPLEMENTATION, MATMUL_INPUTS, matmul_quantizers
 from hf_lts.quantization.lsq import ActivationFakeQuantizer
@@ -167,36 +166,3 @@ def test_attention_that_cannot_be_routed_is_refused_before_anything_changes(arch
         prepare_model(model, CONFIG)
     assert not quantized_layers(model)
     assert not any(isinstance(m, ActivationFakeQuantizer) for m in model.modules())
-
-
-def test_checkpoint_resumes_exactly_and_loads(tmp_path):
-    """The quantizers are in the training state: a resumed run matches an uninterrupted one bit for bit,
-    and ``from_pretrained`` loads the checkpoint with them."""
-    generator = torch.Generator().manual_seed(0)
-    data = [
-        {"pixel_values": torch.randn(3, 32, 32, generator=generator), "labels": i % LABELS} for i in range(16)
-    ]
-
-    def run(resume: str | None = None) -> nn.Module:
-        args = LTSTrainingArguments(
-            str(tmp_path / "run"), max_steps=4, per_device_train_batch_size=4, learning_rate=0.01,
-            report_to="none", save_strategy="steps", save_steps=2, disable_tqdm=True,
-            dataloader_pin_memory=False, seed=0,
-        )  # fmt: skip
-        model = tiny_zoo_model("vit", num_labels=LABELS)
-        trainer = LTSTrainer(model=model, args=args, lts_config=CONFIG, train_dataset=data)
-        trainer.train(resume_from_checkpoint=resume)
-        return trainer.model
-
-    uninterrupted = run().state_dict()
-    checkpoint = tmp_path / "run" / "checkpoint-2"
-    resumed = run(str(checkpoint)).state_dict()
-    assert uninterrupted.keys() == resumed.keys()
-    assert (
-        sum(".matmul_quantizers." in k for k in uninterrupted) == 3 * 4 * 2
-    )  # 3 tensors, 4 inputs, 2 layers
-    assert all(torch.equal(uninterrupted[k], resumed[k]) for k in uninterrupted)
-    loaded = type(tiny_zoo_model("vit")).from_pretrained(checkpoint)
-    assert len(matmul_quantizers(loaded)) == 2
-    with safe_open(checkpoint / "model.safetensors", "pt") as f:
-        assert all(torch.equal(f.get_tensor(k), v) for k, v in loaded.state_dict().items())
