@@ -4,8 +4,10 @@
     python -m benchmarks.accuracy              # the full budget: 60k images, 1,000 + 600 steps
     python -m benchmarks.accuracy --models resnet18 --methods lts --lts-option freeze_schedule=sine \
         --fp-cache /tmp/fp --output ablation.json --no-report      # an LTS variant (ablation)
+    python -m benchmarks.accuracy --models vit --bits 4 3           # the ViT of issue #24 at W4A4, W3A3
 
-For each model (a ResNet-18 layout and a MobileNetV2, both narrowed for CPU, built from transformers configs)
+For each model (a ResNet-18 layout and a MobileNetV2, both narrowed for CPU, and a 4-layer ViT with patch 4;
+all built from transformers configs; the ViT's own optimizer and schedule are in `MODEL_SETTINGS`)
 and each seed: fp32 pre-training with a plain `transformers.Trainer`, then QAT fine-tuning from that
 checkpoint at W2A2 and W4A4, once as plain LSQ QAT (``LTSConfig(freeze=False)``) and once as LTS (linear
 schedule, warm-up 0.2, momentum 0.99), both through `LTSTrainer` with the same hyperparameters, seed and
