@@ -43,6 +43,10 @@ class LTSConfig(QuantizationConfigMixin):
         distance_init: where the distance EMA starts, at the start of training and after a level change:
             ``"one"`` (the paper: one whole step, forgotten at rate ``1 - m``, which freezes late in short
             runs) or ``"observed"`` (the first distance observed after that point; LTS.md §7).
+        quantize_attention_matmuls: also fake-quantize the inputs of the two attention matmuls (query and
+            key of Q·Kᵀ, probabilities and value of P·V) with learned LSQ quantizers at ``activation_bits``,
+            as the ViT QAT literature does; transformers models whose attention runs through
+            ``AttentionInterface`` only (`hf_lts.quantization.attention`).
     """
 
     _argument_group_name = "LTS (LTSConfig)"  # the heading of these options in `hf-lts train --help`
@@ -61,6 +65,7 @@ class LTSConfig(QuantizationConfigMixin):
     modules_to_not_convert: list[str] = field(default_factory=list)
     channel_completion: float | None = None
     distance_init: str = "one"
+    quantize_attention_matmuls: bool = False
 
     def __post_init__(self) -> None:
         self.modules_to_not_convert = list(self.modules_to_not_convert or [])
@@ -92,6 +97,10 @@ class LTSConfig(QuantizationConfigMixin):
         if self.distance_init not in DISTANCE_INITS:
             raise ValueError(
                 f"LTSConfig.distance_init={self.distance_init!r} is unknown: use one of {list(DISTANCE_INITS)}."
+            )
+        if not isinstance(self.quantize_attention_matmuls, bool):
+            raise ValueError(
+                f"LTSConfig.quantize_attention_matmuls={self.quantize_attention_matmuls!r} must be True or False."
             )
         if not all(isinstance(p, str) for p in self.modules_to_not_convert):
             raise ValueError(

@@ -174,9 +174,11 @@ def test_layers_transformers_saves_fused_are_refused_by_name():
 
 
 # -- training checkpoints of models transformers saves under other names ---------------------------------------
-def test_vit_checkpoint_resumes_exactly_and_loads(tmp_path):
+@pytest.mark.parametrize("matmuls", [False, True], ids=["linears", "attention-matmuls"])
+def test_vit_checkpoint_resumes_exactly_and_loads(tmp_path, matmuls):
     """Checkpoints keep the model's own keys: the Trainer resumes them with ``load_state_dict``, which would
-    silently skip ViT's attention projections saved under their original names."""
+    silently skip ViT's attention projections saved under their original names. The attention matmuls'
+    quantizers (``quantize_attention_matmuls``) are part of that state."""
     generator = torch.Generator().manual_seed(0)
     data = [
         {"pixel_values": torch.randn(3, 32, 32, generator=generator), "labels": i % LABELS} for i in range(16)
@@ -188,7 +190,9 @@ def test_vit_checkpoint_resumes_exactly_and_loads(tmp_path):
             report_to="none", save_strategy="steps", save_steps=2, disable_tqdm=True,
             dataloader_pin_memory=False, seed=0,
         )  # fmt: skip
-        trainer = LTSTrainer(model=tiny_zoo_model("vit", num_labels=LABELS), args=args, train_dataset=data)
+        config = LTSConfig(quantize_attention_matmuls=matmuls)
+        model = tiny_zoo_model("vit", num_labels=LABELS)
+        trainer = LTSTrainer(model=model, args=args, lts_config=config, train_dataset=data)
         trainer.train(resume_from_checkpoint=resume)
         return trainer.model
 
@@ -196,6 +200,9 @@ def test_vit_checkpoint_resumes_exactly_and_loads(tmp_path):
     checkpoint = tmp_path / "run" / "checkpoint-2"
     resumed = run(str(checkpoint)).state_dict()
     assert uninterrupted.keys() == resumed.keys()
+    assert sum(".matmul_quantizers." in k for k in uninterrupted) == (
+        24 if matmuls else 0
+    )  # 2 layers × 4 × 3
     assert all(torch.equal(uninterrupted[k], resumed[k]) for k in uninterrupted)
     loaded = type(tiny_zoo_model("vit")).from_pretrained(checkpoint)
     with safe_open(checkpoint / "model.safetensors", "pt") as f:

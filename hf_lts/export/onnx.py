@@ -18,7 +18,8 @@ with the learned steps. Two forms (``weight_type``):
   int8), batch norms left as they are, a ``Clip`` before each quantizer whose type is wider than its bit
   width: a smaller file, run on float kernels after dequantizing.
 
-Layers kept in fp32 stay plain float Conv/Gemm. Batch, height and width are free by default; an
+With ``quantize_attention_matmuls``, the inputs of the two attention matmuls get the same Q/DQ pair
+(activation form) before each MatMul. Layers kept in fp32 stay plain float Conv/Gemm. Batch, height and width are free by default; an
 architecture whose forward fixes the size is refused with a clear error (``dynamic_size=False`` exports
 it at the example's size). The graph is traced by ``torch.onnx.export`` (dynamo) from a copy of the model
 whose quantized layers call two small custom ops, translated to the Q/DQ nodes above. Needs the
@@ -42,8 +43,9 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 
+from ..quantization.attention import matmul_quantizers
 from ..quantization.layers import QuantLayerMixin
-from ..quantization.lsq import broadcast_scale, signed_range, unsigned_range
+from ..quantization.lsq import ActivationFakeQuantizer, broadcast_scale, signed_range, unsigned_range
 from . import ONNX_FILE
 from .onnx_int8 import SIGNED_ZERO_POINT, to_integer_kernels
 from .packed import checked_layers, export_levels, step_size
@@ -188,6 +190,21 @@ class _QDQLinear(_QDQMixin, nn.Linear):
         return F.linear(*self._quantized(x), self.bias)
 
 
+class _QDQActivation(nn.Module):
+    """The inference form of an attention matmul's input quantizer (`hf_lts.quantization.attention`):
+    a Q/DQ pair with the learned step."""
+
+    def __init__(self, quantizer: ActivationFakeQuantizer, opset: int, weight_type: str) -> None:
+        super().__init__()
+        signed = bool(quantizer.signed)
+        self.width = 8 if weight_type == "int8" else integer_type(quantizer.bits, signed, opset)[1]
+        self.range = (quantizer.qmin, quantizer.qmax)
+        self.register_buffer("scale", step_size(quantizer.scale).reshape(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.hf_lts.quantize_dequantize(x.float(), self.scale, *self.range, self.width)
+
+
 def _qdq_layer(name: str, layer: QuantLayerMixin, opset: int, weight_type: str) -> nn.Module:
     if not isinstance(layer, (nn.Conv2d, nn.Linear)):
         raise ValueError(
@@ -233,8 +250,12 @@ def _inference_copy(
         for name, layer in layers.items():
             _set_submodule(model, name, layer)
     # torch.export mis-decomposes the reshape after SDPA's transposed output (Swin): eager attention
-    # computes the same in plain matmuls and softmax.
-    if isinstance(inference, PreTrainedModel):
+    # computes the same in plain matmuls and softmax (the quantized-matmul attention is eager too).
+    quantizers = matmul_quantizers(inference)
+    for module in quantizers.values():
+        for name, quantizer in list(module.named_children()):
+            setattr(module, name, _QDQActivation(quantizer, opset, weight_type))
+    if isinstance(inference, PreTrainedModel) and not quantizers:
         inference.set_attn_implementation("eager")
     return inference
 
@@ -386,6 +407,12 @@ def export_onnx(
             raise ValueError(
                 f"Layer {name!r} has not seen data yet (its activation step is not initialised): train the "
                 "model, or run one batch through it in train mode, before exporting."
+            )
+    for name, quantizers in matmul_quantizers(model).items():
+        if not all(bool(q.initialized) for q in quantizers.children()):
+            raise ValueError(
+                f"The attention matmul quantizers {name!r} have not seen data yet: train the model, or run one "
+                "batch through it in train mode, before exporting."
             )
     opset = default_opset(layers, weight_type) if opset is None else opset
     if opset < MIN_OPSET:

@@ -11,6 +11,7 @@ from transformers.quantizers.auto import AUTO_QUANTIZER_MAPPING
 
 from ..config import LTSConfig
 from ..integrations.keys import check_no_converted_tensors
+from .attention import add_matmul_quantizers, check_routable
 from .layers import QuantConv2d, QuantLayerMixin, QuantLinear
 from .steps import guard_step_sizes
 
@@ -91,9 +92,11 @@ def prepare_model(model: nn.Module, config: LTSConfig) -> nn.Module:
     get LSQ step sizes initialised from the weights, and start their LTS state at the current levels.
     Any padding a Conv2d takes is kept (`hf_lts.quantization.padding`), BiT's weight standardization is
     folded into the weights, and a Conv2d/Linear subclass with its own forward is refused, naming the layer,
-    before anything is changed. Preparing an already prepared model with the same config returns it unchanged. The config is kept
-    as ``model.lts_config`` and, for transformers models, as ``model.config.quantization_config``, with the
-    registered LTS quantizer as ``model.hf_quantizer`` so that ``save_pretrained`` writes the packed export.
+    before anything is changed. With ``config.quantize_attention_matmuls``, the attention matmuls' inputs are
+    fake-quantized too (`hf_lts.quantization.attention`). Preparing an already prepared model with the same
+    config returns it unchanged. The config is kept as ``model.lts_config`` and, for transformers models, as
+    ``model.config.quantization_config``, with the registered LTS quantizer as ``model.hf_quantizer`` so that
+    ``save_pretrained`` writes the packed export.
     """
     config.validate()
     existing = getattr(model, "lts_config", None)
@@ -120,6 +123,8 @@ def prepare_model(model: nn.Module, config: LTSConfig) -> nn.Module:
     check_no_converted_tensors(model, converted)
     for name in converted:
         _check_convertible(name, model.get_submodule(name))
+    if config.quantize_attention_matmuls:
+        check_routable(model)
     for name in converted:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
@@ -131,6 +136,8 @@ def prepare_model(model: nn.Module, config: LTSConfig) -> nn.Module:
             layer.input_pad = input_pad
         setattr(parent, child, layer)
         guard_step_sizes([layer.weight_quantizer.scale, layer.input_quantizer.scale])
+    if config.quantize_attention_matmuls:
+        add_matmul_quantizers(model, config.activation_bits)
     model.lts_config = config
     if getattr(model, "config", None) is not None and hasattr(model.config, "to_dict"):
         model.config.quantization_config = config

@@ -24,6 +24,7 @@ from ..config import LTSConfig
 from ..export.packed import PACKED_FORMAT, Header, LTSCheckpointError, export_state_dict
 from ..integrations.keys import converted_key_test, loaded_key_renamer
 from ..integrations.lts import replace_with_placeholders, restore_quantized_layers
+from ..quantization.attention import add_skeleton_quantizers
 from ..quantization.prepare import layer_bits, prepare_model
 
 logger = logging.getLogger(__name__)
@@ -120,6 +121,8 @@ class LTSHfQuantizer(HfQuantizer):
             plan = {name: bits for name, bits in layer_bits(model, config).items() if bits is not None}
             self._check_recorded_bits(header, plan)
         self._placeholders = replace_with_placeholders(model, config, header, bool(export_format))
+        if config.quantize_attention_matmuls:  # their tensors load with the others, checked below
+            add_skeleton_quantizers(model, config.activation_bits)
         # The other tensors: transformers would only warn about a missing one, and initialise it at random.
         # (Not those transformers saves fused with others: the file holds them under the fused key.)
         converted = converted_key_test(model)
