@@ -11,6 +11,11 @@ from torch import nn
 IMAGE_SIZE = 32
 
 #: architecture → (model class, config class, config arguments): a few thousand parameters each.
+_LEVIT = dict(
+    image_size=IMAGE_SIZE, hidden_sizes=[16, 24, 32], num_attention_heads=[1, 2, 2], depths=[1, 1, 1],
+    key_dim=[8, 8, 8], patch_size=16,
+)  # fmt: skip
+
 ZOO: dict[str, tuple[str, str, dict]] = {
     "resnet": (
         "ResNetForImageClassification",
@@ -170,26 +175,12 @@ ZOO: dict[str, tuple[str, str, dict]] = {
     "levit": (
         "LevitForImageClassification",
         "LevitConfig",
-        dict(
-            image_size=IMAGE_SIZE,
-            hidden_sizes=[16, 24, 32],
-            num_attention_heads=[1, 2, 2],
-            depths=[1, 1, 1],
-            key_dim=[8, 8, 8],
-            patch_size=16,
-        ),
+        _LEVIT,
     ),
     "levit_distilled": (
         "LevitForImageClassificationWithTeacher",
         "LevitConfig",
-        dict(
-            image_size=IMAGE_SIZE,
-            hidden_sizes=[16, 24, 32],
-            num_attention_heads=[1, 2, 2],
-            depths=[1, 1, 1],
-            key_dim=[8, 8, 8],
-            patch_size=16,
-        ),
+        _LEVIT,
     ),
     "pvt_v2": (
         "PvtV2ForImageClassification",
