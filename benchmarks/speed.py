@@ -310,7 +310,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         "--models",
         nargs="+",
         default=None,
-        help="resnet18, mobilenetv2, small-resnet18, small-mobilenet_v2, tiny",
+        help="resnet18, mobilenetv2, small-resnet18, small-mobilenet_v2, small-vit (patch 4, 28 px), tiny",
     )
     parser.add_argument("--variants", nargs="+", default=None, help="default: all (see variant_names)")
     parser.add_argument("--quick", action="store_true", help="smoke run: tiny model, few steps")

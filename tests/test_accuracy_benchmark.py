@@ -5,7 +5,9 @@ It checks the grid and the records, not accuracy: a handful of steps trains noth
 
 import json
 
-from benchmarks import accuracy
+from transformers import TrainingArguments, ViTForImageClassification
+
+from benchmarks import accuracy, common
 
 FIELDS = {
     "model",
@@ -30,8 +32,8 @@ def test_smoke_grid_writes_records_a_report_and_plots(tmp_path):
 
     records = json.loads(output.read_text())
     grid = {(r["model"], r["method"], r["weight_bits"]) for r in records}
-    expected = {(m, "fp", 32) for m in accuracy.MODELS}
-    expected |= {(m, method, 2) for m in accuracy.MODELS for method in ("qat", "lts")}
+    expected = {(m, "fp", 32) for m in accuracy.DEFAULT_MODELS}
+    expected |= {(m, method, 2) for m in accuracy.DEFAULT_MODELS for method in ("qat", "lts")}
     assert grid == expected and len(records) == len(expected)
     for r in records:
         assert FIELDS <= r.keys()
@@ -54,3 +56,26 @@ def test_smoke_grid_writes_records_a_report_and_plots(tmp_path):
     (tmp_path / "accuracy_smoke.md").unlink()
     assert accuracy.main(["--from-json", str(output), "--results-dir", str(tmp_path)]) == 0
     assert (tmp_path / "accuracy_smoke.md").read_text() == report
+
+
+def test_vit_smoke_run_trains_with_its_own_settings_and_targets(tmp_path):
+    """``--models vit``: AdamW, 4x the fp32 steps, its own targets, a report of its own name."""
+    output = tmp_path / "vit.json"
+    argv = ["--smoke", "--models", "vit", "--bits", "4", "--seeds", "0", "--output", str(output)]
+    assert accuracy.main([*argv, "--results-dir", str(tmp_path)]) == 0
+    records = json.loads(output.read_text())
+    assert [(r["model"], r["method"], r["weight_bits"]) for r in records] == [
+        ("vit", "fp", 32),
+        ("vit", "qat", 4),
+        ("vit", "lts", 4),
+    ]
+    smoke = common.BUDGETS["smoke"]
+    assert all(r["budget"]["fp_steps"] == 4 * smoke.fp_steps for r in records)
+    assert records[2]["frozen_ratio"] > 0.5  # the smoke run's last step freezes in-range weights
+    report = (tmp_path / "accuracy_vit_smoke.md").read_text()
+    assert "| vit | 4/4 | lts |" in report and "W4A4 top-1 LTS ≥ QAT − seed spread" in report
+    assert "The ViT trains with AdamW" in report and "(accuracy_vit_smoke_top1.png)" in report
+
+    args = common.training_args(TrainingArguments, str(tmp_path), smoke, 0, quantized=True, model="vit")
+    assert (args.optim, args.learning_rate, args.warmup_steps) == ("adamw_torch", 1e-4, 0.1)
+    assert isinstance(common.build_model("small-vit", 16), ViTForImageClassification)  # the speed harness's
