@@ -3,6 +3,7 @@
     python -m benchmarks.gpu_check                   # on a CUDA machine
     python -m benchmarks.gpu_check --device cpu --image-size 32 --batch 4 --steps 2 --tiny   # smoke run
     python -m benchmarks.gpu_check --profile         # and where a QAT step's host time goes
+    python -m benchmarks.gpu_check --compile         # and the same steps under torch.compile
 
 On synthetic data (nothing is downloaded), for ResNet-18 and MobileNetV2 at 224 px, batch 64:
 
@@ -34,6 +35,7 @@ import traceback
 import warnings
 
 import torch
+import torch._dynamo
 from torch import nn
 from transformers import (
     MobileNetV2Config,
@@ -48,6 +50,8 @@ from hf_lts.quantization import quantized_layers
 from hf_lts.quantization.kernel import compiled_kernels
 
 VARIANTS = ("fp32", "qat", "lts", "lts-freezing", "lts-90%", "lts-90%-channels", "lts-100%")
+#: Timed under ``--compile`` (a traced graph skips no channel: the 90 % row shows what freezing saves there).
+COMPILED_VARIANTS = ("fp32", "qat", "lts", "lts-90%", "lts-100%")
 
 
 def build(arch: str, tiny: bool) -> nn.Module:
@@ -127,13 +131,19 @@ def count_syncs(fn, device: torch.device) -> int:
     return sum("synchroniz" in str(w.message) for w in caught)
 
 
-def time_variant(arch: str, name: str, dtype: torch.dtype, args, device: torch.device) -> dict:
+def time_variant(
+    arch: str, name: str, dtype: torch.dtype, args, device: torch.device, compiled: bool = False
+) -> dict:
     model, optimizer, scratcher = variant(arch, name, args, device)
+    if (
+        compiled
+    ):  # the whole forward and backward as Inductor graphs (`TrainingArguments(torch_compile=True)`)
+        model = torch.compile(model)
     x, y = batch(args, device, seed=0)
     for _ in range(3):  # warm-up: compiles, cuDNN's algorithm search, the first LTS decisions
         train_step(model, optimizer, scratcher, x, y, dtype)
     sync(device)
-    kernels = compiled_kernels()
+    kernels = compiled_kernels() + torch._dynamo.utils.counters["stats"]["unique_graphs"]
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     best = float("inf")
@@ -144,7 +154,8 @@ def time_variant(arch: str, name: str, dtype: torch.dtype, args, device: torch.d
             train_step(model, optimizer, scratcher, x, y, dtype)
         sync(device)
         best = min(best, (time.perf_counter() - start) / args.steps)
-    result = {"step_ms": best * 1e3, "recompiles": compiled_kernels() - kernels}
+    graphs = compiled_kernels() + torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    result = {"step_ms": best * 1e3, "recompiles": graphs - kernels}
     if scratcher is not None:
         result["syncs_per_step"] = count_syncs(
             lambda: train_step(model, optimizer, scratcher, x, y, dtype), device
@@ -363,6 +374,11 @@ def main() -> None:
     parser.add_argument("--output", default=None)
     parser.add_argument("--profile", action="store_true", help="print where a QAT step's host time goes")
     parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="also time fp32, QAT, LTS bookkeeping, 90 %% and 100 %% frozen under torch.compile (fp32 rows)",
+    )
+    parser.add_argument(
         "--ddp", action="store_true", help="run the 2-process DDP check (on by itself with 2 or more GPUs)"
     )
     args = parser.parse_args()
@@ -385,12 +401,15 @@ def main() -> None:
     if args.profile:
         print(profile(args, device), flush=True)
     result["timings"] = {}
+    precisions = [("fp32", torch.float32, False), ("bf16", torch.bfloat16, False)]
+    if args.compile:
+        precisions.append(("fp32+compile", torch.float32, True))
     for arch in args.models.split(","):
-        for precision, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-            for name in VARIANTS:
+        for precision, dtype, compiled in precisions:
+            for name in COMPILED_VARIANTS if compiled else VARIANTS:
                 key = f"{arch}/{precision}/{name}"
                 try:
-                    result["timings"][key] = time_variant(arch, name, dtype, args, device)
+                    result["timings"][key] = time_variant(arch, name, dtype, args, device, compiled)
                 except Exception:
                     result["timings"][key] = {"error": traceback.format_exc()[-1500:]}
                 if args.output:  # what was measured so far survives a time-out

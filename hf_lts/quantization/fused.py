@@ -343,6 +343,17 @@ def input_backward(
     return _shaped(grad_x, x), _per_step(partial, scale), _shaped(x_hat, x)
 
 
+def fake_quant_terms(
+    x: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int, packed: torch.Tensor | None, weight: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(q · s, inside, ∂(q·s)/∂s)`` of `_step_terms`, shaped like ``x``, without autograd (the straight-
+    through terms of a traced layer, `hf_lts.quantization.op.traced_layer`)."""
+    q, inside, dq = _step_terms(
+        _rows(x, weight), scale, qmin, qmax, None if packed is None else _rows(packed, True)
+    )
+    return _shaped(_dequantize(q, scale), x), _shaped(inside, x), _shaped(dq, x)
+
+
 def input_step_terms(
     x: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int, backend: str
 ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -120,7 +120,7 @@ class Kernel:
     def __call__(self, *args: object, backend: str) -> object:
         # Under a dispatch mode (FlopCounterMode, fake tensors, …), or while Dynamo traces a model that calls
         # the layers, the kernel is its math: run eagerly, or traced into the caller's graph.
-        if backend == "eager" or _get_current_dispatch_mode() is not None or torch.compiler.is_compiling():
+        if backend == "eager" or torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None:
             return self.fn(*args)
         if backend == "native":
             out = getattr(native.ops(), self.native)(*args)

@@ -41,7 +41,7 @@ from . import backend as backends
 from . import state
 from .fused import lsq_forward
 from .lsq import ActivationFakeQuantizer, WeightFakeQuantizer, broadcast_scale, quantize_levels
-from .op import QuantizedOp, distributed, native_layer_ops
+from .op import QuantizedOp, compute_dtype, distributed, native_layer_ops, traced_layer
 from .padding import conv_padding
 
 
@@ -323,11 +323,26 @@ class QuantLayerMixin:
         return self.weight_quantizer(self.weight, self._packed())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.input_quantizer._initialized:
+            if torch.compiler.is_compiling():  # (the frames that call an uninitialised layer run eagerly)
+                torch._dynamo.skip_frame("hf_lts: the first batch initialises the input quantizers")
+            return self._first_forward(x)
+        return self._forward(x)
+
+    @torch.compiler.disable
+    def _first_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The forward that initialises the input quantizer from ``x`` (the first training batch), never
+        traced by `torch.compile`: the step's sign depends on the data."""
         self.input_quantizer.initialize_from(x)
+        return self._forward(x)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         aq, wq = self.input_quantizer, self.weight_quantizer
         backend = backends.select(x.device, self.weight.dtype)
         ops = native_layer_ops(x, self.weight, backend)
-        if ops is not None:  # the same computation as `QuantizedOp`, as one C++ autograd node
+        if torch.compiler.is_compiling() and compute_dtype(x.device) == torch.float32:
+            out = traced_layer(x, self)
+        elif ops is not None:  # the same computation as `QuantizedOp`, as one C++ autograd node
             out = ops.quant_layer(
                 x, self.weight, aq.scale, wq.scale, self.bias, self._packed(), self._held_weight(),
                 self._active_channels, (aq.qmin, aq.qmax, wq.qmin, wq.qmax), (aq.grad_factor(x), wq.grad_factor),
@@ -337,13 +352,13 @@ class QuantLayerMixin:
             if self._stragglers:
                 self._stragglers = False
             out = QuantizedOp.apply(x, self.weight, self.bias, aq.scale, wq.scale, self, backend)
-        if out._is_view():  # a linear layer's output of a >2-D input: model code may change it in place
+        # a linear layer's output of a >2-D input: model code may change it in place (a traced graph has no views)
+        if not torch.compiler.is_compiling() and out._is_view():
             out = torch.ops.aten._unsafe_view(out, out.shape)
         if self.training and not self._macs_known:
             self.lts_macs.fill_(out[0].numel() * self.weight[0].numel())
             self._macs_known = True
         return out
-
 
 class QuantConv2d(QuantLayerMixin, nn.Conv2d):
     """`nn.Conv2d` (any ``groups``, depthwise included) with LSQ fake quantization and LTS freezing.

@@ -12,6 +12,7 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from . import native
 from .fused import (
+    fake_quant_terms,
     input_backward,
     input_step_terms,
     layer_forward,
@@ -32,14 +33,38 @@ def native_layer_ops(x: torch.Tensor, weight: torch.Tensor, backend: str) -> obj
     native backend, float32, outside autocast, tracing and dispatch modes), else ``None`` (`QuantizedOp`)."""
     if backend != "native" or x.dtype != torch.float32 or weight.dtype != torch.float32:
         return None
-    if torch.is_autocast_enabled("cpu") or _get_current_dispatch_mode() is not None:
+    if torch.jit.is_tracing() or torch.compiler.is_compiling():  # (first: Dynamo cannot trace the mode test)
         return None
-    if torch.jit.is_tracing() or torch.compiler.is_compiling():
+    if torch.is_autocast_enabled("cpu") or _get_current_dispatch_mode() is not None:
         return None
     return native.ops()
 
 
-def _compute_dtype(device: torch.device) -> torch.dtype:
+def _straight_through(
+    x: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int, grad_factor: float, packed, weight: bool
+) -> torch.Tensor:
+    """``q · s`` of ``x`` with `QuantizedOp`'s gradients as differentiable arithmetic: the value is ``q · s``
+    (the added terms are exact zeros), ``x`` gets the straight-through gradient where it is inside the range,
+    ``s`` gets ``grad_factor · Σ grad ⊙ ∂(q·s)/∂s``, and frozen values neither."""
+    x_hat, inside, dq = fake_quant_terms(x, scale.detach(), qmin, qmax, packed, weight)
+    step = scale * grad_factor
+    step = step.view(-1, *([1] * (x.dim() - 1))) if weight else step.view([1] * x.dim())
+    return x_hat + (x - x.detach()) * inside + (step - step.detach()) * dq
+
+
+def traced_layer(x: torch.Tensor, layer) -> torch.Tensor:
+    """A float32 layer's forward in a graph that `torch.compile` traces: `QuantizedOp`'s computation as
+    plain ops, which Inductor differentiates and fuses with the rest of the model, for any input size (a
+    step becomes a few graphs instead of several kernel calls per layer: what a GPU bound by its host's
+    launches needs). It reads no host-side count (each change would compile the graph again): no held
+    weight and no skipped channels, the dense weight gradient, whose frozen entries are exact zeros."""
+    aq, wq = layer.input_quantizer, layer.weight_quantizer
+    x_hat = _straight_through(x, aq.scale, aq.qmin, aq.qmax, aq.grad_factor(x), None, False)
+    w_hat = _straight_through(layer.weight, wq.scale, wq.qmin, wq.qmax, wq.grad_factor, layer.lts_state, True)
+    return layer._op(x_hat, w_hat, layer.bias)
+
+
+def compute_dtype(device: torch.device) -> torch.dtype:
     """The dtype autocast would run the convolution / matmul in (float32 outside autocast)."""
     if torch.is_autocast_enabled(device.type):
         return torch.get_autocast_dtype(device.type)
@@ -61,10 +86,13 @@ class QuantizedOp(torch.autograd.Function):
     def forward(ctx, x, weight, bias, input_scale, weight_scale, layer, backend):
         aq, wq = layer.input_quantizer, layer.weight_quantizer
         # The native kernels skip the frozen test while nothing is frozen; the others always read the state,
-        # so that no decision depends on a count the host may not have yet.
-        packed = layer._packed() if backend == "native" else layer.lts_state
-        held = layer._held_weight(backend)
-        dtype = _compute_dtype(x.device)
+        # so that no decision depends on a count the host may not have yet. In a graph `torch.compile`
+        # traces, nothing depends on a host-side count at all (each change would compile the graph again):
+        # no held weight, and the dense weight gradient, whose frozen entries are exact zeros.
+        traced = torch.compiler.is_compiling()
+        packed = layer._packed() if backend == "native" and not traced else layer.lts_state
+        held = None if traced else layer._held_weight(backend)
+        dtype = compute_dtype(x.device)
         xk = x.float() if backend == "native" else x  # (the other kernels read any float dtype)
         x_range, w_range = (input_scale, aq.qmin, aq.qmax), (weight_scale, wq.qmin, wq.qmax)
         if dtype != torch.float32:
@@ -86,7 +114,8 @@ class QuantizedOp(torch.autograd.Function):
         if backend == "native":
             w_hat = held
         ctx.save_for_backward(x, weight, input_scale, weight_scale, packed, w_hat)
-        ctx.layer, ctx.dtype, ctx.active, ctx.backend = layer, dtype, layer._active_channels, backend
+        ctx.layer, ctx.dtype, ctx.backend = layer, dtype, backend
+        ctx.active = None if traced else layer._active_channels
         ctx.grad_factor = aq.grad_factor(x)
         return out
 
