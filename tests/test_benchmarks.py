@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from benchmarks import speed
 
 
@@ -48,6 +50,7 @@ def test_speed_harness_quick_run_writes_every_field(tmp_path):
     )
 
 
+@pytest.mark.slow  # (two whole LTSTrainer runs: the default suite's time)
 def test_timing_harness_runs_qat_and_lts_back_to_back(tmp_path):
     """``python -m benchmarks.timing`` on a few steps: one fresh process per run, ratios to QAT's."""
     from benchmarks import timing

@@ -49,33 +49,25 @@ def fresh_dynamo():
     torch._dynamo.reset()
 
 
-@pytest.mark.parametrize("backend", ["eager", "compiled"])
-def test_a_compiled_model_trains_bit_for_bit_like_the_eager_one(backend):
+def test_a_compiled_model_trains_bit_for_bit_like_the_eager_one_and_compiles_once():
     """Dynamo's graph of the layers (AOTAutograd's backward, no Inductor: Inductor's own fusions change
-    float roundings) computes what the layers compute outside it: weights, steps, LTS state, counters."""
-    with backends.forced(backend):
+    float roundings) computes what the layers compute outside it: weights, steps, LTS state, counters. After
+    the first batch (quantizers initialised) and the smaller one (sizes become symbolic), nothing compiles
+    again however many weights freeze: the graph reads no host-side count."""
+    graphs = []
+
+    def count(step):
+        graphs.append(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+
+    with backends.forced("compiled"):  # the GPU's backend (the eager and native ones share its math)
         eager, scratcher = train(None)
-        compiled, _ = train("aot_eager")
+        compiled, _ = train("aot_eager", on_step=count)
     assert scratcher.stats()["frozen_ratio"] > 0.3
     expected, got = eager.state_dict(), compiled.state_dict()
     assert [k for k in expected if not torch.equal(expected[k], got[k])] == []
-
-
-def test_no_recompile_while_weights_freeze():
-    """After the first batch (quantizers initialised) and the smaller one (sizes become symbolic), nothing
-    compiles again however many weights freeze: the graph reads no host-side count."""
-    counts = []
-
-    def count(step):
-        counts.append(torch._dynamo.utils.counters["stats"]["unique_graphs"])
-
-    with backends.forced("compiled"):
-        _, scratcher = train("aot_eager", on_step=count)
-    frozen = scratcher.stats()["frozen_ratio"]
-    assert frozen > 0.3
     # steps 3 .. STEPS-5 and the last three: no new graph (the one at STEPS-4 is the smaller batch)
-    assert len(set(counts[2 : STEPS - 4])) == 1, counts
-    assert len(set(counts[STEPS - 3 :])) == 1, counts
+    assert len(set(graphs[2 : STEPS - 4])) == 1, graphs
+    assert len(set(graphs[STEPS - 3 :])) == 1, graphs
 
 
 @pytest.mark.slow  # (Inductor compiles for about two minutes on 2 CPU cores)
@@ -105,6 +97,7 @@ def quantized(m: nn.Module):
     return [(n, mod) for n, mod in m.named_modules() if hasattr(mod, "frozen_mask")]
 
 
+@pytest.mark.slow  # (the suite's time)
 def test_trainer_with_torch_compile_trains_and_freezes(tmp_path):
     """`TrainingArguments(torch_compile=True)`: the LTS trainer trains and evaluates the compiled model and
     freezes as much as without it."""
