@@ -7,6 +7,7 @@ import pytest
 from benchmarks import speed
 
 
+@pytest.mark.slow  # (the default suite's time)
 def test_speed_harness_quick_run_writes_every_field(tmp_path):
     output = tmp_path / "speed.json"
     variants = ["fp32", "qat", "lts-real-70", "lts-all-100"]

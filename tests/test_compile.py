@@ -98,16 +98,17 @@ def quantized(m: nn.Module):
 
 
 @pytest.mark.slow  # (the suite's time)
-def test_trainer_with_torch_compile_trains_and_freezes(tmp_path):
-    """`TrainingArguments(torch_compile=True)`: the LTS trainer trains and evaluates the compiled model and
-    freezes as much as without it."""
+def test_trainer_with_torch_compile_trains_like_without(tmp_path):
+    """`TrainingArguments(torch_compile=True)`: the LTS trainer's run equals the uncompiled one bit for bit
+    (Dynamo's graphs without Inductor's roundings), evaluation included. The data are not augmented: the
+    compiler draws from the global RNG the random crops draw from, so augmented runs differ in their crops."""
     from helpers.tiny_models import tiny_resnet
 
     from hf_lts import LTSTrainer, LTSTrainingArguments
     from hf_lts.data import load_image_dataset, prepare_dataset
 
     digits = load_image_dataset("digits")
-    train_data = prepare_dataset(digits["train"].select(range(80)), 16, train=True)
+    train_data = prepare_dataset(digits["train"].select(range(80)), 16, train=False)
     eval_data = prepare_dataset(digits["validation"].select(range(20)), 16, train=False)
     runs = []
     for compiled in (False, True):
@@ -127,7 +128,7 @@ def test_trainer_with_torch_compile_trains_and_freezes(tmp_path):
             trainer.train()
             metrics = trainer.evaluate()
         runs.append((trainer.model.state_dict(), metrics["eval_accuracy"], trainer.scratcher.stats()))
-    (_, _, stats), (state, accuracy, stats_compiled) = runs
+    (expected, accuracy, stats), (got, accuracy_compiled, stats_compiled) = runs
     assert stats_compiled["frozen_ratio"] == stats["frozen_ratio"] > 0
-    assert 0 <= accuracy <= 1
-    assert all(torch.isfinite(t).all() for t in state.values() if t.is_floating_point())
+    assert [k for k in expected if not torch.equal(expected[k], got[k])] == []
+    assert accuracy_compiled == accuracy
