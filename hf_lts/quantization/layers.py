@@ -340,7 +340,8 @@ class QuantLayerMixin:
         aq, wq = self.input_quantizer, self.weight_quantizer
         backend = backends.select(x.device, self.weight.dtype)
         ops = native_layer_ops(x, self.weight, backend)
-        if torch.compiler.is_compiling() and compute_dtype(x.device) == torch.float32:
+        traced = torch.compiler.is_compiling()
+        if traced and compute_dtype(x.device) == torch.float32:
             out = traced_layer(x, self)
         elif ops is not None:  # the same computation as `QuantizedOp`, as one C++ autograd node
             out = ops.quant_layer(
@@ -353,12 +354,13 @@ class QuantLayerMixin:
                 self._stragglers = False
             out = QuantizedOp.apply(x, self.weight, self.bias, aq.scale, wq.scale, self, backend)
         # a linear layer's output of a >2-D input: model code may change it in place (a traced graph has no views)
-        if not torch.compiler.is_compiling() and out._is_view():
+        if not traced and out._is_view():
             out = torch.ops.aten._unsafe_view(out, out.shape)
         if self.training and not self._macs_known:
             self.lts_macs.fill_(out[0].numel() * self.weight[0].numel())
             self._macs_known = True
         return out
+
 
 class QuantConv2d(QuantLayerMixin, nn.Conv2d):
     """`nn.Conv2d` (any ``groups``, depthwise included) with LSQ fake quantization and LTS freezing.
